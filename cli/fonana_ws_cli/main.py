@@ -1,0 +1,81 @@
+"""The ``fonana-ws`` command: thin Typer wrappers over the library's public functions."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import typer
+from rich.console import Console
+
+from fonana_ws.auth import create_token
+from fonana_ws.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="Fonana's real-time WebSocket server.", no_args_is_help=True, add_completion=False)
+err = Console(stderr=True)
+
+
+def settings_or_exit(**overrides: str | None) -> Settings:
+    """Settings from the environment with CLI options on top; a bad value exits 2 naming the setting."""
+    environ = dict(os.environ)
+    environ.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return load_settings(environ)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``7d`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30m, 2h or 7d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Interface to listen on [env WS_HOST, default 127.0.0.1]."),
+    port: int = typer.Option(None, help="Port [env WS_PORT, default 3002]."),
+    broadcast_url: str = typer.Option(None, help="memory://, redis://... or postgresql://... [env BROADCAST_URL]."),
+    database_url: str = typer.Option(None, help="postgresql://... or sqlite:///... [env DATABASE_URL]."),
+) -> None:
+    """Run the server (memory broker and a local SQLite file when nothing is configured)."""
+    from fonana_ws.server import serve as run
+
+    settings = settings_or_exit(
+        WS_HOST=host,
+        WS_PORT=str(port) if port is not None else None,
+        BROADCAST_URL=broadcast_url,
+        DATABASE_URL=database_url,
+    )
+    if settings.embedded:
+        from fonana_ws.db import demo
+
+        err.print(f"[bold]Embedded mode[/bold]: SQLite at {settings.database_url.split(':///', 1)[1]}")
+        for user_id, what in demo.DEMO_USERS.items():
+            err.print(f"  demo user [cyan]{user_id}[/cyan]: {what}")
+        err.print(f"  mint a token:  fonana-ws token --user {demo.SUBSCRIBER}")
+        err.print(
+            f"  connect:       ws://{settings.host}:{settings.port}/ws?token=TOKEN\n"
+            f"  publish:       curl -H \"Authorization: Bearer $(cat {settings.data_dir}/dev-api-key)\" "
+            f"-d '{{\"channel\":\"post_{demo.OPEN_POST}\",\"event\":{{\"type\":\"hello\"}}}}' "
+            f"http://{settings.host}:{settings.port}/api/publish"
+        )
+    run(settings)
+
+
+@app.command()
+def token(
+    user: str = typer.Option(..., "--user", "-u", help="The user id to put in the token (userId claim)."),
+    expires: str = typer.Option("30m", help="Lifetime, e.g. 90s, 30m, 2h, 7d."),
+) -> None:
+    """Print a JWT this server accepts (same secret as `serve`), and nothing else."""
+    settings = settings_or_exit()
+    sys.stdout.write(create_token(settings.jwt_secret, user, parse_duration(expires)) + "\n")
+
+
+def main() -> None:
+    app()

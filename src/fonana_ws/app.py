@@ -1,0 +1,94 @@
+"""``create_app(settings)``: build every piece, connect them at start, disconnect them at stop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.routing import Route, WebSocketRoute
+
+from . import api
+from .broker import Broker, mask_url
+from .config import Settings, load_settings
+from .db import Store
+from .db.demo import DEMO_USERS, seed_demo
+from .endpoint import FonanaEndpoint
+from .hub import Hub
+from .protocol import CLOSE_GOING_AWAY
+from .publisher import Publisher
+from .services import Services
+from .stats import Stats
+
+log = logging.getLogger("fonana_ws")
+
+
+def build_services(settings: Settings) -> Services:
+    stats = Stats()
+    broker = Broker(settings.broadcast_url)
+    return Services(
+        settings=settings,
+        store=Store(settings.database_url),
+        broker=broker,
+        hub=Hub(broker, stats),
+        publisher=Publisher(broker, stats),
+        stats=stats,
+    )
+
+
+async def start(services: Services) -> None:
+    settings = services.settings
+    if settings.embedded:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await services.store.connect()
+    if settings.embedded:
+        await services.store.create_schema()
+        if await seed_demo(services.store.db):
+            log.info("embedded database: added demo users")
+        for user_id, what in DEMO_USERS.items():
+            log.info("demo user %s: %s", user_id, what)
+    await services.broker.connect()
+    log.info(
+        "fonana-ws ready: database=%s broker=%s secret from %s",
+        mask_url(settings.database_url),
+        mask_url(settings.broadcast_url),
+        settings.jwt_secret_source,
+    )
+    if settings.jwt_secret_source.startswith("dev secret"):
+        log.warning(
+            "USING A DEVELOPMENT SECRET (%s): tokens from the web app will be refused. "
+            "Set JWT_SECRET (or NEXTAUTH_SECRET) to the web app's secret for real use.",
+            settings.jwt_secret_source,
+        )
+
+
+async def stop(services: Services) -> None:
+    await services.hub.close(CLOSE_GOING_AWAY, "Server shutting down")
+    await services.broker.disconnect()
+    await services.store.disconnect()
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The Starlette app: WebSocket on ``/ws`` and ``/``, and the HTTP API."""
+    settings = settings or load_settings()
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await start(services)
+        try:
+            yield
+        finally:
+            await stop(services)
+
+    routes = [
+        WebSocketRoute("/ws", FonanaEndpoint),
+        WebSocketRoute("/", FonanaEndpoint),
+        Route("/api/publish", api.publish, methods=["POST"]),
+        Route("/health", api.health),
+        Route("/ready", api.ready),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.services = services
+    return app

@@ -1,0 +1,70 @@
+"""The broker envelope: how an event travels between processes (and from other languages).
+
+On the broker channel ``fonana-ws:<channel key>`` (for example ``fonana-ws:post_p1``) or
+``fonana-ws:user:<user id>``, publish the JSON text::
+
+    {"id": "<event id>", "event": {"type": "post_liked", ...}}
+
+``event`` is sent to clients as it is. ``id`` is optional (one is made up when missing). When one event is
+published to several targets (``post_created`` to ``creator_C`` and each subscriber's ``feed_S``), every
+copy carries the same ``id`` and ``"multi": true``, and each connection receives it once.
+``channel`` / ``user`` fields may be present for readability; the broker channel decides the target.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+PREFIX = "fonana-ws:"
+USER_PREFIX = PREFIX + "user:"
+
+
+class EnvelopeError(ValueError):
+    """A broker message that is not an envelope."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    id: str
+    event: dict[str, Any]
+    multi: bool = False
+
+
+def key_channel(key: str) -> str:
+    """The broker channel of a channel key."""
+    return PREFIX + key
+
+
+def user_channel(user_id: str) -> str:
+    """The broker channel of a user's direct events."""
+    return USER_PREFIX + user_id
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(event: dict[str, Any], event_id: str, *, multi: bool = False, **where: str) -> str:
+    body: dict[str, Any] = {"id": event_id, **where, "event": event}
+    if multi:
+        body["multi"] = True
+    return orjson.dumps(body).decode()
+
+
+def decode(message: str | bytes) -> Envelope:
+    try:
+        body = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        raise EnvelopeError("not JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("event"), dict):
+        raise EnvelopeError("no event object")
+    if not isinstance(body["event"].get("type"), str):
+        raise EnvelopeError("event has no type")
+    event_id = body.get("id")
+    return Envelope(
+        id=str(event_id) if event_id else new_event_id(), event=body["event"], multi=bool(body.get("multi"))
+    )

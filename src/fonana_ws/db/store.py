@@ -1,0 +1,113 @@
+"""The few queries the server runs, the same SQL on SQLite and PostgreSQL.
+
+Columns keep Prisma's camelCase, so every one is quoted. Timestamps are naive UTC, as Prisma stores them
+in ``TIMESTAMP(3)`` columns.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import databases
+
+from .schema import create_schema
+
+UNREAD_LIMIT = 20
+
+
+def utcnow() -> datetime:
+    """Naive UTC now, the way Prisma writes ``TIMESTAMP(3)`` columns."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(value: Any) -> str | None:
+    """ISO 8601 with milliseconds and ``Z``, as the web app's ``Date.toISOString()`` prints."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def notification_row(row: Any) -> dict[str, Any]:
+    """A ``notifications`` row as the NOTIFICATION object of protocol §3."""
+    r = dict(row._mapping)
+    metadata = r.get("metadata")
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata)
+        except ValueError:
+            pass
+    return {
+        "id": str(r["id"]),
+        "userId": str(r["userId"]),
+        "type": str(r["type"]),
+        "title": r["title"],
+        "message": r["message"],
+        "isRead": bool(r["isRead"]),
+        "metadata": metadata,
+        "createdAt": iso(r["createdAt"]),
+    }
+
+
+class Store:
+    """The server's view of the web app's database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.db = databases.Database(url)
+
+    @property
+    def dialect(self) -> str:
+        return self.db.url.dialect
+
+    async def connect(self) -> None:
+        await self.db.connect()
+
+    async def disconnect(self) -> None:
+        await self.db.disconnect()
+
+    async def create_schema(self) -> None:
+        await create_schema(self.db)
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer a query."""
+        await self.db.fetch_val("SELECT 1")
+
+    async def user_exists(self, user_id: str) -> bool:
+        return await self.db.fetch_val("SELECT 1 FROM users WHERE id = :id", {"id": user_id}) is not None
+
+    async def get_post(self, post_id: str) -> dict[str, Any] | None:
+        row = await self.db.fetch_one(
+            'SELECT id, "creatorId", "isLocked", "minSubscriptionTier", "likesCount" FROM posts WHERE id = :id',
+            {"id": post_id},
+        )
+        return dict(row._mapping) if row is not None else None
+
+    async def has_active_subscription(self, user_id: str, creator_id: str) -> bool:
+        row = await self.db.fetch_val(
+            """SELECT 1 FROM subscriptions WHERE "userId" = :user AND "creatorId" = :creator
+               AND "isActive" = TRUE AND "paymentStatus" = 'COMPLETED' AND "validUntil" > :now""",
+            {"user": user_id, "creator": creator_id, "now": utcnow()},
+        )
+        return row is not None
+
+    async def has_purchase(self, user_id: str, post_id: str) -> bool:
+        row = await self.db.fetch_val(
+            """SELECT 1 FROM post_purchases WHERE "userId" = :user AND "postId" = :post
+               AND "paymentStatus" = 'COMPLETED'""",
+            {"user": user_id, "post": post_id},
+        )
+        return row is not None
+
+    async def unread_notifications(self, user_id: str, limit: int = UNREAD_LIMIT) -> list[dict[str, Any]]:
+        rows = await self.db.fetch_all(
+            """SELECT id, "userId", type, title, message, "isRead", metadata, "createdAt" FROM notifications
+               WHERE "userId" = :user AND "isRead" = FALSE ORDER BY "createdAt" DESC, id DESC LIMIT :limit""",
+            {"user": user_id, "limit": limit},
+        )
+        return [notification_row(r) for r in rows]

@@ -1,0 +1,168 @@
+"""The WebSocket endpoint: one socket's life, gluing auth, channels and the hub together."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.endpoints import WebSocketEndpoint
+from starlette.websockets import WebSocket
+
+from . import protocol
+from .auth import AuthError, fingerprint, token_from_scope, verify_token
+from .channels import ChannelError, channel_key, channel_type, may_subscribe
+from .connection import Connection
+from .net import client_address
+from .services import Services
+
+log = logging.getLogger("fonana_ws.connection")
+
+
+class FonanaEndpoint(WebSocketEndpoint):
+    """Authenticate first, read nothing before; then subscribe/unsubscribe/ping frames in order."""
+
+    encoding = None
+    conn: Connection | None = None
+
+    @property
+    def services(self) -> Services:
+        return self.scope["app"].state.services
+
+    async def dispatch(self) -> None:
+        websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
+        await self.on_connect(websocket)
+        if self.conn is None:
+            return  # refused: nothing the client sent is read
+        close_code = 1000
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.receive":
+                    data = message.get("text")
+                    await self.on_receive(websocket, data if data is not None else message.get("bytes"))
+                elif message["type"] == "websocket.disconnect":
+                    close_code = int(message.get("code") or 1000)
+                    break
+        finally:
+            await self.on_disconnect(websocket, close_code)
+
+    async def on_connect(self, websocket: WebSocket) -> None:
+        services = self.services
+        settings = services.settings
+        headers = {k: v for k, v in websocket.headers.items() if k == "authorization"}
+        subprotocols = self.scope.get("subprotocols") or []
+        token = token_from_scope(self.scope.get("query_string", b""), headers, subprotocols)
+        address = client_address(self.scope, settings.trusted_proxies)
+        accept_proto = "bearer" if "bearer" in subprotocols else None
+        if accept_proto is None and token and token in subprotocols:
+            accept_proto = token
+        try:
+            user_id, _claims = verify_token(
+                token,
+                settings.jwt_secret,
+                issuer=settings.jwt_issuer,
+                audience=settings.jwt_audience,
+                leeway=settings.jwt_leeway,
+            )
+            try:
+                known = await services.store.user_exists(user_id)
+            except Exception as exc:
+                log.error("user lookup failed for %s: %s", user_id, exc)
+                raise AuthError("database", "user lookup failed (database unavailable)") from None
+            if not known:
+                raise AuthError("unknown_user", "unknown user")
+        except AuthError as exc:
+            services.stats.auth_failures[exc.cause] += 1
+            log.info(
+                "refused client=%s cause=%s token=%s",
+                address,
+                exc.cause,
+                fingerprint(token) if token else "-",
+            )
+            await websocket.accept(subprotocol=accept_proto)
+            await websocket.close(protocol.CLOSE_UNAUTHORIZED, exc.reason[:120])
+            return
+
+        await websocket.accept(subprotocol=accept_proto)
+        conn = Connection(websocket, user_id, services.hub.outbox, limit=settings.send_buffer, client=address)
+        conn.on_slow = self._on_slow
+        try:
+            await services.hub.add_connection(conn)
+        except Exception as exc:
+            log.error("could not register connection of %s: %s", user_id, exc)
+            await services.hub.remove_connection(conn)
+            await websocket.close(1011, "Broker unavailable, try again")
+            return
+        self.conn = conn
+        conn.send_text(protocol.connected(user_id))
+        log.info("connected conn=%s user=%s client=%s direct=%s", conn.id, user_id, address, conn.direct)
+
+    def _on_slow(self, conn: Connection) -> None:
+        self.services.stats.slow_consumer_disconnects += 1
+        log.warning("slow consumer cut conn=%s user=%s client=%s", conn.id, conn.user_id, conn.client)
+
+    async def on_receive(self, websocket: WebSocket, data: Any) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            frame = protocol.parse_frame(data)
+        except protocol.FrameError:
+            conn.send_text(protocol.error(protocol.INVALID_FORMAT))
+            return
+        if frame.type == "ping":
+            conn.send_text(protocol.PONG)
+            return
+        try:
+            key = channel_key(frame.channel)
+        except ChannelError:
+            conn.send_text(protocol.error(protocol.INVALID_FORMAT, frame.channel))
+            return
+        if frame.type == "subscribe":
+            await self._subscribe(conn, frame.channel, key)
+        else:
+            self.services.hub.leave(conn, key)
+            conn.send_text(protocol.unsubscribed(frame.channel, key))
+
+    async def _subscribe(self, conn: Connection, channel: Any, key: str) -> None:
+        services = self.services
+        try:
+            allowed = await may_subscribe(services.store, conn.user_id, key)
+        except Exception as exc:
+            log.error("access check failed conn=%s key=%s: %s", conn.id, key, exc)
+            conn.send_text(protocol.error(protocol.SUBSCRIBE_FAILED, channel))
+            return
+        if not allowed:
+            log.info("denied conn=%s user=%s key=%s", conn.id, conn.user_id, key)
+            conn.send_text(protocol.error(protocol.ACCESS_DENIED, channel))
+            return
+        try:
+            await services.hub.join(conn, key)
+        except Exception as exc:
+            log.error("subscribe failed conn=%s key=%s: %s", conn.id, key, exc)
+            conn.send_text(protocol.error(protocol.SUBSCRIBE_FAILED, channel))
+            return
+        services.stats.subscriptions[channel_type(key)] += 1
+        conn.send_text(protocol.subscribed(channel, key))
+        if key == f"notifications_{conn.user_id}" and not conn.sent_unread:
+            conn.sent_unread = True
+            try:
+                unread = await services.store.unread_notifications(conn.user_id)
+            except Exception as exc:
+                log.error("unread notifications failed conn=%s: %s", conn.id, exc)
+                return
+            if unread:
+                conn.send_text(protocol.unread_notifications(unread))
+
+    async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        await self.services.hub.remove_connection(conn)
+        log.info(
+            "disconnected conn=%s user=%s client=%s code=%s%s",
+            conn.id,
+            conn.user_id,
+            conn.client,
+            close_code,
+            f" reason={conn.close_reason}" if conn.close_reason else "",
+        )

@@ -1,0 +1,37 @@
+"""Who is on the other end: the real client address behind a trusted proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def peer_host(scope: dict[str, Any]) -> str:
+    client = scope.get("client")
+    return client[0] if client else ""
+
+
+def client_address(scope: dict[str, Any], trusted: Iterable[str]) -> str:
+    """The client's address: the peer's, or, when the peer is a trusted proxy, from X-Forwarded-For.
+
+    The rightmost address not itself a trusted proxy is the one the nearest trusted proxy saw.
+    """
+    trusted = set(trusted)
+    host = peer_host(scope)
+    if host not in trusted:
+        return host
+    for name, value in scope.get("headers", []):
+        if name == b"x-forwarded-for":
+            hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
+            for hop in reversed(hops):
+                if hop not in trusted:
+                    return hop
+            return hops[0] if hops else host
+    return host
+
+
+def is_local_request(scope: dict[str, Any]) -> bool:
+    """From loopback, and not forwarded by a proxy on someone else's behalf."""
+    if peer_host(scope) not in ("127.0.0.1", "::1", "localhost"):
+        return False
+    return not any(name in (b"x-forwarded-for", b"forwarded", b"x-real-ip") for name, _ in scope["headers"])

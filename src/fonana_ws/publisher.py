@@ -1,0 +1,70 @@
+"""Publishing an event: validate, wrap it in the broker envelope, publish once per target."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .broker import Broker
+from .broker import envelope as env
+from .channels import ChannelError, parse_key
+from .stats import Stats
+
+MAX_USER_ID = 200
+
+
+class PublishError(ValueError):
+    """The event or its targets are not acceptable; the message says which field."""
+
+
+def validate_event(event: Any) -> dict[str, Any]:
+    if not isinstance(event, dict):
+        raise PublishError("event must be a JSON object")
+    if not isinstance(event.get("type"), str) or not event["type"]:
+        raise PublishError("event.type must be a non-empty string")
+    return event
+
+
+class Publisher:
+    """The one way events enter the broker from this process (HTTP API, Python API, CLI)."""
+
+    def __init__(self, broker: Broker, stats: Stats | None = None) -> None:
+        self.broker = broker
+        self.stats = stats or Stats()
+
+    async def publish(
+        self,
+        event: dict[str, Any],
+        *,
+        channels: Iterable[str] = (),
+        users: Iterable[str] = (),
+        event_id: str | None = None,
+    ) -> str:
+        """Publish ``event`` to channel keys and users; each connection receives it at most once.
+
+        Raises ``PublishError`` for bad input and ``BrokerUnavailable`` when the broker is down.
+        """
+        validate_event(event)
+        targets: list[tuple[str, dict[str, str]]] = []
+        for key in dict.fromkeys(channels):
+            try:
+                parse_key(key)
+            except ChannelError as exc:
+                raise PublishError(f"channel: {exc}") from None
+            targets.append((env.key_channel(key), {"channel": key}))
+        for user in dict.fromkeys(users):
+            if not isinstance(user, str) or not user or len(user) > MAX_USER_ID:
+                raise PublishError(f"user must be a user id of 1 to {MAX_USER_ID} characters")
+            targets.append((env.user_channel(user), {"user": user}))
+        if not targets:
+            raise PublishError("a channel or a user is required")
+        event_id = event_id or env.new_event_id()
+        multi = len(targets) > 1
+        try:
+            for broker_channel, where in targets:
+                await self.broker.publish(broker_channel, env.encode(event, event_id, multi=multi, **where))
+        except Exception:
+            self.stats.publish_failures += 1
+            raise
+        self.stats.events_published += 1
+        return event_id

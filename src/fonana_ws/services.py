@@ -1,0 +1,22 @@
+"""The long-lived pieces of one server process, built by ``create_app`` and shared by its routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .broker import Broker
+from .config import Settings
+from .db import Store
+from .hub import Hub
+from .publisher import Publisher
+from .stats import Stats
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    broker: Broker
+    hub: Hub
+    publisher: Publisher
+    stats: Stats
