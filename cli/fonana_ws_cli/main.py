@@ -39,7 +39,9 @@ def parse_duration(text: str) -> float:
 def serve(
     host: str = typer.Option(None, help="Interface to listen on [env WS_HOST, default 127.0.0.1]."),
     port: int = typer.Option(None, help="Port [env WS_PORT, default 3002]."),
-    broadcast_url: str = typer.Option(None, help="memory://, redis://... or postgresql://... [env BROADCAST_URL]."),
+    broadcast_url: str = typer.Option(
+        None, help="memory://, redis://... or postgresql://... [env BROADCAST_URL]."
+    ),
     database_url: str = typer.Option(None, help="postgresql://... or sqlite:///... [env DATABASE_URL]."),
 ) -> None:
     """Run the server (memory broker and a local SQLite file when nothing is configured)."""
@@ -60,11 +62,13 @@ def serve(
         err.print(f"  mint a token:  fonana-ws token --user {demo.SUBSCRIBER}")
         err.print(
             f"  connect:       ws://{settings.host}:{settings.port}/ws?token=TOKEN\n"
-            f"  publish:       curl -H \"Authorization: Bearer $(cat {settings.data_dir}/dev-api-key)\" "
-            f"-d '{{\"channel\":\"post_{demo.OPEN_POST}\",\"event\":{{\"type\":\"hello\"}}}}' "
+            f'  publish:       curl -H "Authorization: Bearer $(cat {settings.data_dir}/dev-api-key)" '
+            f'-d \'{{"channel":"post_{demo.OPEN_POST}","event":{{"type":"hello"}}}}\' '
             f"http://{settings.host}:{settings.port}/api/publish"
         )
-    run(settings)
+    if not run(settings):
+        err.print("[red]the server did not start[/red] (see the log above)")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -63,9 +63,7 @@ async def publish_and_answer(request: Request, event: Any, channels: list[str], 
     except BrokerUnavailable as exc:
         log.error("publish failed, broker unavailable: %s", exc)
         return problem(503, f"broker unavailable: {exc}")
-    return JSONResponse(
-        {"ok": True, "id": event_id, "channels": channels, "users": users}, status_code=202
-    )
+    return JSONResponse({"ok": True, "id": event_id, "channels": channels, "users": users}, status_code=202)
 
 
 async def publish(request: Request) -> Response:
@@ -111,4 +109,6 @@ async def ready(request: Request) -> Response:
         checks["database"] = f"down: {type(exc).__name__}"
     checks["broker"] = "ok" if svc.broker.is_up else "down"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", **checks}, status_code=200 if ok else 503
+    )

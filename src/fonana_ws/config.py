@@ -159,7 +159,9 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
 
     data_dir = Path(get("FONANA_WS_DATA_DIR") or ".fonana-ws").expanduser()
     raw_db = get("DATABASE_URL")
-    database_url = normalize_database_url(raw_db) if raw_db else f"sqlite+aiosqlite:///{data_dir / 'fonana.db'}"
+    database_url = (
+        normalize_database_url(raw_db) if raw_db else f"sqlite+aiosqlite:///{data_dir / 'fonana.db'}"
+    )
 
     secret, secret_source = None, ""
     if environ.get("JWT_SECRET") or dotenv.get("JWT_SECRET"):

@@ -196,11 +196,3 @@ class Connection:
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()
-
-    async def drain(self) -> None:
-        """Wait until what is queued has been handed to the socket (ASGI path; direct path is instant)."""
-        if self._wire is not None:
-            self.flush()
-            return
-        while self._queue and not self.closed:
-            await asyncio.sleep(0.005)

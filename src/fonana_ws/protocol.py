@@ -77,5 +77,8 @@ def error(message: str, channel: Any = None, **extra: Any) -> str:
 
 def unread_notifications(notifications: list[dict[str, Any]]) -> str:
     return dumps(
-        {"type": "unread_notifications", "data": {"notifications": notifications, "count": len(notifications)}}
+        {
+            "type": "unread_notifications",
+            "data": {"notifications": notifications, "count": len(notifications)},
+        }
     )

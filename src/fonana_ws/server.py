@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import uvicorn
 
@@ -36,8 +38,28 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; sockets are closed with 1012 and the process exits."""
+class Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT that led to a clean shutdown exits 0.
+
+    uvicorn re-raises the captured signal after shutting down, so the process dies of it (-15); process
+    managers and scripts read that as a crash.
+    """
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                if self._captured_signals:
+                    logging.getLogger("fonana_ws").info("stopped by signal %s", self._captured_signals[-1])
+                self._captured_signals.clear()
+
+
+def serve(settings: Settings) -> bool:
+    """Serve until SIGTERM/SIGINT (sockets closed with 1012); False when the start failed."""
     configure_logging(settings.log_level, settings.log_json)
     logging.getLogger("fonana_ws").info("listening on ws://%s:%s/ws", settings.host, settings.port)
-    uvicorn.Server(uvicorn_config(settings)).run()
+    server = Server(uvicorn_config(settings))
+    server.run()
+    return server.started

@@ -43,8 +43,14 @@ async def insert_post(
         """INSERT INTO posts (id, "creatorId", title, content, type, "isLocked", "minSubscriptionTier",
            "likesCount", "createdAt", "updatedAt")
            VALUES (:id, :creator, :title, '', 'text', :locked, :tier, 0, :now, :now)""",
-        {"id": post_id, "creator": creator_id, "title": f"Post {post_id}", "locked": locked, "tier": tier,
-         "now": utcnow()},
+        {
+            "id": post_id,
+            "creator": creator_id,
+            "title": f"Post {post_id}",
+            "locked": locked,
+            "tier": tier,
+            "now": utcnow(),
+        },
     )
 
 
@@ -62,8 +68,15 @@ async def insert_subscription(
         """INSERT INTO subscriptions (id, "userId", "creatorId", plan, price, "isActive", "validUntil",
            "paymentStatus", "createdAt")
            VALUES (:id, :user, :creator, 'basic', 5.0, :active, :until, :status, :now)""",
-        {"id": sub_id, "user": user_id, "creator": creator_id, "active": active,
-         "until": utcnow() + valid_for, "status": status, "now": utcnow()},
+        {
+            "id": sub_id,
+            "user": user_id,
+            "creator": creator_id,
+            "active": active,
+            "until": utcnow() + valid_for,
+            "status": status,
+            "now": utcnow(),
+        },
     )
 
 

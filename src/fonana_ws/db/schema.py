@@ -55,7 +55,7 @@ def _tables(ts: str, pay: str, ntype: str, jsonb: str, boolean: str) -> list[str
             id TEXT PRIMARY KEY, "userId" TEXT NOT NULL REFERENCES users(id), type {ntype} NOT NULL,
             title TEXT NOT NULL, message TEXT NOT NULL, "isRead" {boolean} NOT NULL DEFAULT false,
             metadata {jsonb}, "createdAt" {ts} NOT NULL DEFAULT CURRENT_TIMESTAMP)""",
-        """CREATE INDEX IF NOT EXISTS "notifications_userId_isRead_idx" ON notifications ("userId", "isRead")""",
+        'CREATE INDEX IF NOT EXISTS "notifications_userId_isRead_idx" ON notifications ("userId", "isRead")',
     ]
 
 

@@ -83,7 +83,8 @@ class Store:
 
     async def get_post(self, post_id: str) -> dict[str, Any] | None:
         row = await self.db.fetch_one(
-            'SELECT id, "creatorId", "isLocked", "minSubscriptionTier", "likesCount" FROM posts WHERE id = :id',
+            """SELECT id, "creatorId", "isLocked", "minSubscriptionTier", "likesCount"
+               FROM posts WHERE id = :id""",
             {"id": post_id},
         )
         return dict(row._mapping) if row is not None else None

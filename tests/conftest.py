@@ -1,0 +1,263 @@
+"""Shared fixtures: a real uvicorn server on a free port, real WebSocket clients, real databases.
+
+The ``server`` fixture runs once on the embedded SQLite database and once on a fresh PostgreSQL
+database made for this run, so every test that uses it exercises both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+import websockets
+
+from fonana_ws.auth import create_token
+from fonana_ws.config import Settings, load_settings
+from fonana_ws.db import demo
+from fonana_ws.server import uvicorn_config
+from fonana_ws.services import Services
+
+PG_URL = os.environ.get("FONANA_WS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("FONANA_WS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SECRET = "test-secret-" + "x" * 32
+API_KEY = "test-api-key-" + "y" * 32
+
+
+def services_required() -> bool:
+    return os.environ.get("FONANA_WS_REQUIRE_SERVICES") == "1"
+
+
+def need_service(name: str, reason: str) -> None:
+    """Skip (or, under FONANA_WS_REQUIRE_SERVICES=1, fail) a test whose service is not reachable."""
+    message = f"{name} not available: {reason}"
+    if services_required():
+        pytest.fail(message + " (FONANA_WS_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def postgres_reachable() -> str | None:
+    """None when the test PostgreSQL answers, else why not."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(PG_URL, timeout=3)
+        await conn.close()
+        return None
+    except Exception as exc:
+        return f"{PG_URL}: {exc}"
+
+
+async def redis_reachable() -> str | None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        await client.ping()
+        return None
+    except Exception as exc:
+        return f"{REDIS_URL}: {exc}"
+    finally:
+        await client.aclose()
+
+
+class fresh_pg_database:
+    """``async with fresh_pg_database() as url``: a PostgreSQL database made for this run, then dropped."""
+
+    async def __aenter__(self) -> str:
+        import asyncpg
+
+        if (why := await postgres_reachable()) is not None:
+            need_service("PostgreSQL", why)
+        self.name = f"fonana_ws_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f'CREATE DATABASE "{self.name}"')
+        await admin.close()
+        return f"{PG_URL.rsplit('/', 1)[0]}/{self.name}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        import asyncpg
+
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        await admin.close()
+
+
+class Client:
+    """A real WebSocket client with the few helpers the tests need."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        return orjson.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def recv_type(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The next frame, which must be of type ``kind``."""
+        frame = await self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def nothing(self, within: float = 0.3) -> None:
+        """Assert that no frame arrives within ``within`` seconds."""
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), within)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame: {frame}")
+
+    async def subscribe(self, channel: dict[str, Any]) -> dict[str, Any]:
+        await self.send({"type": "subscribe", "channel": channel})
+        return await self.recv()
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+@dataclass
+class Server:
+    """A running server and helpers to act on it as the web app and the browser would."""
+
+    settings: Settings
+    services: Services
+    port: int
+    http: httpx.AsyncClient
+    clients: list[Client] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def db(self) -> Any:
+        return self.services.store.db
+
+    def token(self, user_id: str, expires: float = 600, **extra: Any) -> str:
+        return create_token(self.settings.jwt_secret, user_id, expires, extra=extra)
+
+    async def connect(
+        self,
+        user_id: str | None = None,
+        *,
+        token: str | None = None,
+        path: str = "/ws",
+        expect_connected: bool = True,
+        **kwargs: Any,
+    ) -> Client:
+        token = token if token is not None else self.token(user_id or "")
+        kwargs.setdefault("close_timeout", 1)
+        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}{path}?token={token}", **kwargs)
+        client = Client(ws)
+        self.clients.append(client)
+        if expect_connected:
+            frame = await client.recv()
+            assert frame == {
+                "type": "connected",
+                "data": {"userId": user_id, "message": "Successfully connected to WebSocket server"},
+            }, frame
+        return client
+
+    async def publish(self, body: dict[str, Any], key: str | None = API_KEY) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return await self.http.post("/api/publish", json=body, headers=headers)
+
+    async def user(self, prefix: str = "u", *, creator: bool = False) -> str:
+        user_id = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        await demo.insert_user(self.db, user_id, is_creator=creator)
+        return user_id
+
+    async def post(self, creator_id: str, *, locked: bool = False, tier: str | None = None) -> str:
+        post_id = f"p-{uuid.uuid4().hex[:10]}"
+        await demo.insert_post(self.db, post_id, creator_id, locked=locked, tier=tier)
+        return post_id
+
+
+async def start_server(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    config = uvicorn_config(settings)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    assert server.started, "server did not start"
+    return server, task
+
+
+def make_settings(tmp: Path, database_url: str | None, **env: str) -> Settings:
+    environ = {
+        "JWT_SECRET": SECRET,
+        "WS_API_KEY": API_KEY,
+        "FONANA_WS_DATA_DIR": str(tmp),
+        "WS_PORT": str(free_port()),
+        "WS_PING_INTERVAL": "5",
+        **env,
+    }
+    if database_url:
+        environ["DATABASE_URL"] = database_url
+    return load_settings(environ, env_file=None)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+async def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    """One in-process server per database kind, shared by the tests of that kind."""
+    tmp = tmp_path_factory.mktemp(f"server-{request.param}")
+    if request.param == "sqlite":
+        async with running(make_settings(tmp, None)) as srv:
+            yield srv
+        return
+    async with fresh_pg_database() as url, running(make_settings(tmp, url)) as srv:
+        yield srv
+
+
+class running:
+    """``async with running(settings) as server``: a real uvicorn server for the block's duration."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def __aenter__(self) -> Server:
+        self.uv, self.task = await start_server(self.settings)
+        app = self.uv.config.loaded_app
+        while hasattr(app, "app"):  # uvicorn wraps the app in its middlewares
+            app = app.app
+        services = app.state.services
+        if not self.settings.embedded:
+            await services.store.create_schema()
+        self.srv = Server(
+            settings=self.settings,
+            services=services,
+            port=self.settings.port,
+            http=httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.settings.port}", timeout=10),
+        )
+        return self.srv
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self.srv.clients:
+            await client.ws.close()
+        await self.srv.http.aclose()
+        self.uv.should_exit = True
+        await asyncio.wait_for(self.task, 15)
