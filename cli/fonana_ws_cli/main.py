@@ -81,5 +81,11 @@ def token(
     sys.stdout.write(create_token(settings.jwt_secret, user, parse_duration(expires)) + "\n")
 
 
+from . import ops, send  # noqa: E402  (they use the helpers above)
+
+app.add_typer(send.app, name="send")
+ops.register(app)
+
+
 def main() -> None:
     app()

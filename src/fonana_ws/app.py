@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
-from . import api
+from . import api, events_api, metrics
 from .broker import Broker, mask_url
 from .config import Settings, load_settings
 from .db import Store
@@ -88,6 +88,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/publish", api.publish, methods=["POST"]),
         Route("/health", api.health),
         Route("/ready", api.ready),
+        *events_api.routes,
+        *metrics.routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.services = services

@@ -1,0 +1,7 @@
+"""Prometheus metrics and JSON stats (issue 5)."""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+routes: list[BaseRoute] = []
