@@ -261,3 +261,63 @@ class running:
         await self.srv.http.aclose()
         self.uv.should_exit = True
         await asyncio.wait_for(self.task, 15)
+
+
+class ServerProcess:
+    """``async with ServerProcess(env, cwd) as proc``: ``fonana-ws serve`` as a real process.
+
+    Its log goes to a file (``proc.log_path``) so that tests can read it after the fact.
+    """
+
+    def __init__(self, env: dict[str, str], cwd: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.env = {**os.environ, **env, "WS_PORT": str(self.port)}
+        self.cwd = cwd
+        self.log_path = cwd / f"server-{self.port}.log"
+        self.proc: Any = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    async def __aenter__(self) -> ServerProcess:
+        import subprocess
+        import sys
+
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in __aexit__
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fonana_ws", "serve"],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        async with httpx.AsyncClient() as http:
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                try:
+                    if (await http.get(self.http_url + "/health")).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"server did not become healthy:\n{self.log()}")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await asyncio.to_thread(self.proc.wait, 15)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
