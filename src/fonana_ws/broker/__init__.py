@@ -10,19 +10,11 @@ from urllib.parse import urlparse
 from broadcaster import Broadcast
 from broadcaster._backends.base import BroadcastBackend
 
-from .base import BrokerUnavailable, PayloadTooLarge, backend_is_up
+from .base import BrokerUnavailable, PayloadTooLarge, backend_is_up, mask_url
 
 __all__ = ["Broker", "BrokerUnavailable", "PayloadTooLarge", "create_backend", "mask_url"]
 
 log = logging.getLogger("fonana_ws.broker")
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced, for logs and `fonana-ws config`."""
-    parsed = urlparse(url)
-    if parsed.password:
-        return url.replace(f":{parsed.password}@", ":***@", 1)
-    return url
 
 
 def create_backend(url: str) -> BroadcastBackend:

@@ -1,0 +1,382 @@
+"""PostgreSQL LISTEN/NOTIFY backend for broadcaster that survives restarts and carries any payload.
+
+broadcaster 0.3.1's own PostgreSQL backend runs concurrent LISTENs on one asyncpg connection
+("another operation is in progress"), dies silently when the connection drops, passes channel names
+to LISTEN as they are (truncated past 63 bytes) and cannot send payloads of 8000 bytes or more.
+This one serializes every operation on its listen connection, counts subscribers per channel, hashes
+channel names into LISTEN identifiers, moves large payloads through a table of its own, and
+reconnects with backoff, listening again on every channel still in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+from broadcaster import Event
+from broadcaster._backends.base import BroadcastBackend
+
+from fonana_ws.broker.base import BrokerUnavailable, KeyedLocks, PayloadTooLarge, describe, mask_url, within
+
+logger = logging.getLogger("fonana_ws.broker")
+
+T = TypeVar("T")
+
+_MIN_BACKOFF = 0.1
+# NOTIFY rejects payloads of 8000 bytes or more; keep a margin under it.
+_NOTIFY_MAX = 7900
+# First character of every NOTIFY payload we send: the message itself follows, or a row id.
+_INLINE = "="
+_STORED = "#"
+_KEEP_PAYLOADS = 300.0
+_CLEANUP_EVERY = 60.0
+
+_CREATE_TABLE = """
+CREATE SCHEMA IF NOT EXISTS fonana_ws;
+CREATE TABLE IF NOT EXISTS fonana_ws.broker_payloads (
+    id bigserial PRIMARY KEY,
+    channel text NOT NULL,
+    payload text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+_DELETE_OLD = "DELETE FROM fonana_ws.broker_payloads WHERE created_at < now() - make_interval(secs => $1)"
+_STORE_AND_NOTIFY = f"""
+WITH stored AS (
+    INSERT INTO fonana_ws.broker_payloads (channel, payload) VALUES ($1, $2) RETURNING id
+)
+SELECT pg_notify($3, '{_STORED}' || id) FROM stored
+"""
+
+
+def channel_ident(channel: str) -> str:
+    """The LISTEN identifier for a channel: always hashed, so any text fits 63 bytes and never collides."""
+    return "fws_" + hashlib.sha256(channel.encode("utf-8")).hexdigest()[:40]
+
+
+def plain_dsn(url: str) -> str:
+    """The URL as asyncpg takes it: ``postgresql+asyncpg://`` becomes ``postgresql://``."""
+    scheme, sep, rest = url.partition("://")
+    base = scheme.lower().split("+", 1)[0]
+    if not sep or base not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {mask_url(url)}")
+    return f"{base}://{rest}"
+
+
+def is_down_error(exc: BaseException) -> bool:
+    """True when the error means PostgreSQL is unreachable or going away, not a bad query."""
+    return isinstance(
+        exc,
+        OSError  # includes TimeoutError and ConnectionError
+        | asyncpg.InterfaceError  # connection closed, pool closing
+        | asyncpg.PostgresConnectionError  # SQLSTATE class 08
+        | asyncpg.exceptions.OperatorInterventionError  # class 57: admin/crash shutdown, cannot connect now
+        | asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections
+    )
+
+
+class PostgresBackend(BroadcastBackend):
+    """broadcaster backend on PostgreSQL LISTEN/NOTIFY with reconnects and a health flag (``is_up``).
+
+    ``connect()`` does not fail when PostgreSQL is down: it waits up to ``op_timeout`` for the first
+    connection, then keeps retrying in the background while ``is_up`` stays False. It creates schema
+    ``fonana_ws`` and table ``fonana_ws.broker_payloads`` if missing, for payloads too large to NOTIFY.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        op_timeout: float = 2.0,
+        health_interval: float = 1.0,
+        max_backoff: float = 5.0,
+        max_payload: int = 64 * 1024 * 1024,
+        pool_size: int = 4,
+    ) -> None:
+        self._dsn = plain_dsn(url)
+        self.safe_url = mask_url(url)
+        self._op_timeout = op_timeout
+        self._health_interval = health_interval
+        self._max_backoff = max_backoff
+        self._max_payload = max_payload
+        self._pool_size = pool_size
+        self._refs: dict[str, int] = {}
+        self._names: dict[str, str] = {}  # LISTEN identifier -> channel
+        self._locks = KeyedLocks()
+        # asyncpg allows one operation at a time per connection.
+        self._conn_lock = asyncio.Lock()
+        self._notes: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+        self._up = asyncio.Event()
+        self._down_since: float | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        # State of the current connection; reset by each session.
+        self._listen: asyncpg.Connection | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._live: set[str] = set()
+        self._lost = asyncio.Event()
+        self._lost_reason: BaseException | str = ""
+        self._session_was_up = False
+
+    @property
+    def is_up(self) -> bool:
+        """True while connected with every channel in use listened to."""
+        return self._up.is_set()
+
+    async def connect(self) -> None:
+        if self._supervisor is not None:
+            return
+        self._notes = asyncio.Queue()
+        self._supervisor = asyncio.create_task(self._run(), name="fonana-ws postgres broker")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._op_timeout):
+                await self._up.wait()
+
+    async def disconnect(self) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._up.clear()
+        self._down_since = None
+        self._refs.clear()
+        self._names.clear()
+        self._notes.put_nowait(None)
+
+    async def subscribe(self, channel: str) -> None:
+        """Count one more subscriber; LISTEN for real only for the first. Never raises when down."""
+        async with self._locks.hold(channel):
+            self._refs[channel] = self._refs.get(channel, 0) + 1
+            self._names[channel_ident(channel)] = channel
+            if channel not in self._live:
+                await self._change(channel, listen=True)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Count one subscriber less; UNLISTEN for real when the last one leaves."""
+        async with self._locks.hold(channel):
+            count = self._refs.get(channel, 0) - 1
+            if count > 0:
+                self._refs[channel] = count
+                return
+            self._refs.pop(channel, None)
+            self._names.pop(channel_ident(channel), None)
+            if channel in self._live:
+                await self._change(channel, listen=False)
+
+    async def publish(self, channel: str, message: str) -> None:
+        """NOTIFY, or raise BrokerUnavailable within ``op_timeout`` rather than drop the message."""
+        if "\x00" in message:
+            raise ValueError("PostgreSQL text cannot hold NUL characters")
+        size = len(message.encode("utf-8"))
+        if size > self._max_payload:
+            raise PayloadTooLarge(f"{size} bytes is over the {self._max_payload} byte limit")
+        pool = self._pool
+        if not self.is_up or pool is None:
+            raise BrokerUnavailable("PostgreSQL is unreachable")
+        ident = channel_ident(channel)
+        try:
+            async with within(self._op_timeout, "PostgreSQL NOTIFY"):
+                if size + len(_INLINE) < _NOTIFY_MAX:
+                    await pool.execute("SELECT pg_notify($1, $2)", ident, _INLINE + message)
+                else:
+                    await pool.execute(_STORE_AND_NOTIFY, channel, message, ident)
+        except Exception as exc:
+            if is_down_error(exc):
+                raise BrokerUnavailable(f"PostgreSQL publish failed: {describe(exc)}") from exc
+            raise
+
+    async def next_published(self) -> Event:
+        """The next message, in order; waits through outages and raises only after disconnect()."""
+        while True:
+            note = await self._notes.get()
+            if note is None:
+                self._notes.put_nowait(None)  # wake any other waiter too
+                raise BrokerUnavailable("backend disconnected")
+            channel, body = note
+            kind, rest = body[:1], body[1:]
+            if kind == _INLINE:
+                return Event(channel=channel, message=rest)
+            if kind == _STORED and rest.isdigit():
+                message = await self._load(int(rest))
+                if message is not None:
+                    return Event(channel=channel, message=message)
+            else:
+                logger.debug("ignoring a notification we did not send on %r", channel)
+
+    async def _load(self, row_id: int) -> str | None:
+        """A stored payload; retried through outages since the row outlives them by minutes."""
+        while True:
+            await self._up.wait()
+            pool = self._pool
+            try:
+                if pool is None:
+                    raise ConnectionError("no pool")
+                async with asyncio.timeout(self._op_timeout):
+                    message = await pool.fetchval(
+                        "SELECT payload FROM fonana_ws.broker_payloads WHERE id = $1", row_id
+                    )
+            except Exception as exc:
+                if not is_down_error(exc):
+                    logger.error("dropping stored message %d: %s", row_id, describe(exc))
+                    return None
+                await asyncio.sleep(_MIN_BACKOFF)
+                continue
+            if message is None:
+                logger.warning("dropping stored message %d: its row is gone", row_id)
+            return message
+
+    async def _on_listen_conn(self, op: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run one operation on the listen connection, alone and bounded by ``op_timeout``."""
+        async with self._conn_lock:
+            conn = self._listen
+            if conn is None or conn.is_closed() or self._lost.is_set():
+                raise ConnectionError("not connected to PostgreSQL")
+            async with within(self._op_timeout, "PostgreSQL"):
+                return await op(conn)
+
+    async def _change(self, channel: str, *, listen: bool) -> None:
+        """LISTEN/UNLISTEN on the live connection, if any; a failure ends that connection."""
+        conn = self._listen
+        if conn is None:
+            return  # down: _refs is the record, the next session applies it
+        try:
+            await self._listen_or_unlisten(channel, listen)
+        except Exception as exc:
+            if not is_down_error(exc):
+                raise
+            if self._listen is conn:
+                self._signal_lost(exc)
+
+    async def _listen_or_unlisten(self, channel: str, listen: bool) -> None:
+        ident = channel_ident(channel)
+        if listen:
+            await self._on_listen_conn(lambda conn: conn.add_listener(ident, self._on_notify))
+            self._live.add(channel)
+        else:
+            self._live.discard(channel)
+            await self._on_listen_conn(lambda conn: conn.remove_listener(ident, self._on_notify))
+
+    def _on_notify(self, conn: Any, pid: int, ident: str, payload: str) -> None:
+        # Resolve the name now: once the last subscriber has left, the notification is dropped.
+        channel = self._names.get(ident)
+        if channel is not None:
+            self._notes.put_nowait((channel, payload))
+
+    def _on_terminated(self, conn: Any) -> None:
+        if conn is self._listen:  # our own close at the end of a session is no loss
+            self._signal_lost("connection to PostgreSQL closed")
+
+    def _signal_lost(self, reason: BaseException | str) -> None:
+        """Mark the broker down now and make the watcher end this session."""
+        self._mark_down(reason)
+        self._lost_reason = reason
+        self._lost.set()
+
+    def _mark_down(self, reason: BaseException | str) -> None:
+        self._up.clear()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            logger.warning("broker down: %s (%s)", describe(reason), self.safe_url)
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            elapsed = time.monotonic() - self._down_since
+            logger.info("broker up again after %.1f s (%s)", elapsed, self.safe_url)
+        else:
+            logger.info("broker connected (%s)", self.safe_url)
+        self._down_since = None
+        self._up.set()
+
+    async def _run(self) -> None:
+        """Keep a session going forever, with capped exponential backoff between attempts."""
+        delay = _MIN_BACKOFF
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark_down(exc)
+            if self._session_was_up:
+                delay = _MIN_BACKOFF  # a fresh outage: retry soon
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff)
+
+    async def _session(self) -> None:
+        """One connection's life: connect, LISTEN again, watch until the connection fails."""
+        self._session_was_up = False
+        self._lost = asyncio.Event()
+        conn: asyncpg.Connection | None = None
+        pool: asyncpg.Pool | None = None
+        try:
+            async with within(self._op_timeout * 2, "connecting to PostgreSQL"):
+                conn = await asyncpg.connect(self._dsn, timeout=self._op_timeout)
+                pool = await asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=self._pool_size, timeout=self._op_timeout
+                )
+                await _ensure_table(conn)
+            conn.add_termination_listener(self._on_terminated)
+            self._live.clear()
+            self._listen, self._pool = conn, pool
+            await self._relisten()
+            self._mark_up()
+            self._session_was_up = True
+            await self._watch()
+        finally:
+            self._up.clear()
+            self._listen, self._pool = None, None
+            self._live.clear()
+            if conn is not None:
+                conn.terminate()
+            if pool is not None:
+                pool.terminate()
+
+    async def _relisten(self) -> None:
+        # One at a time: the listen connection takes one operation at a time anyway.
+        for channel in list(self._refs):
+            async with self._locks.hold(channel):
+                if channel in self._refs and channel not in self._live:
+                    await self._listen_or_unlisten(channel, True)
+
+    async def _watch(self) -> None:
+        """Return never; raise once the connection is lost or stops answering ``SELECT 1``."""
+        loop = asyncio.get_running_loop()
+        next_cleanup = loop.time()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._health_interval):
+                    await self._lost.wait()
+            if self._lost.is_set():
+                raise ConnectionError(describe(self._lost_reason))
+            await self._on_listen_conn(lambda conn: conn.fetchval("SELECT 1"))
+            if loop.time() >= next_cleanup:
+                next_cleanup = loop.time() + _CLEANUP_EVERY
+                await self._delete_old_payloads()
+
+    async def _delete_old_payloads(self) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                await pool.execute(_DELETE_OLD, _KEEP_PAYLOADS)
+        except Exception as exc:
+            if is_down_error(exc):
+                raise
+            logger.warning("could not delete old stored messages: %s", describe(exc))
+
+
+async def _ensure_table(conn: asyncpg.Connection) -> None:
+    """Create our schema and table if missing; checked first, since CREATE needs rights we may lack."""
+    if await conn.fetchval("SELECT to_regclass('fonana_ws.broker_payloads')") is not None:
+        return
+    async with conn.transaction():
+        # Concurrent CREATE ... IF NOT EXISTS from several servers can still collide; take turns.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fonana_ws.broker_payloads'))")
+        await conn.execute(_CREATE_TABLE)

@@ -1,0 +1,311 @@
+"""Redis pub/sub backend for broadcaster that survives broker restarts and concurrent subscribers.
+
+broadcaster 0.3.1's own Redis backend delivers nothing with redis-py 8, loses subscribers when the
+same channel is subscribed concurrently and dies silently when the connection drops. This one keeps
+one PubSub connection for all channels, counts subscribers per channel, and reconnects with backoff,
+re-subscribing every channel still in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from broadcaster import Event
+from broadcaster._backends.base import BroadcastBackend
+from redis import asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from fonana_ws.broker.base import BrokerUnavailable, KeyedLocks, PayloadTooLarge, describe, mask_url, within
+
+logger = logging.getLogger("fonana_ws.broker")
+
+# Errors that mean "Redis is unreachable right now", as opposed to a bug or a bad argument.
+_DOWN_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
+_MIN_BACKOFF = 0.1
+_PING = "fonana-ws-health"  # idle PINGs: their replies prove the connection is alive
+
+
+def _text(value: bytes | str) -> str:
+    # Other publishers may send non-UTF-8 bytes; a bad byte must not break the reader.
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class RedisBackend(BroadcastBackend):
+    """broadcaster backend on Redis PUBLISH/SUBSCRIBE with reconnects and a health flag (``is_up``).
+
+    ``connect()`` does not fail when Redis is down: it waits up to ``op_timeout`` for the first
+    connection, then keeps retrying in the background while ``is_up`` stays False.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        op_timeout: float = 2.0,
+        health_interval: float = 1.0,
+        max_backoff: float = 5.0,
+        max_payload: int = 64 * 1024 * 1024,
+    ) -> None:
+        if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
+            raise ValueError(f"not a Redis URL: {mask_url(url)}")
+        self._url = url
+        self.safe_url = mask_url(url)
+        self._op_timeout = op_timeout
+        self._health_interval = health_interval
+        self._max_backoff = max_backoff
+        self._max_payload = max_payload
+        self._refs: dict[str, int] = {}
+        self._locks = KeyedLocks()
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._up = asyncio.Event()
+        self._down_since: float | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._publisher: aioredis.Redis | None = None
+        # State of the current connection; reset by each session.
+        self._pubsub: PubSub | None = None
+        self._live: set[str] = set()
+        self._confirms: dict[str, tuple[str, asyncio.Future[None]]] = {}
+        self._kicked: BaseException | None = None
+        self._session_was_up = False
+
+    @property
+    def is_up(self) -> bool:
+        """True while connected with every channel in use subscribed."""
+        return self._up.is_set()
+
+    def _client_options(self) -> dict[str, Any]:
+        # No redis-py retry handling at all: even with 0 retries it reconnects once (and re-subscribes
+        # its own way) before raising. A failure must reach our loop, which does both itself.
+        return {
+            "socket_connect_timeout": self._op_timeout,
+            "socket_timeout": self._op_timeout,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 0, supported_errors=()),
+            # RESP2 unless the URL asks otherwise: pub/sub replies are plain arrays, and pre-6 servers work.
+            "protocol": 2,
+        }
+
+    async def connect(self) -> None:
+        if self._supervisor is not None:
+            return
+        self._events = asyncio.Queue()
+        # One retry lets a publish survive a pooled connection that died with a restarted server.
+        options = {**self._client_options(), "retry": Retry(NoBackoff(), 1)}
+        self._publisher = aioredis.Redis.from_url(self._url, **options)
+        self._supervisor = asyncio.create_task(self._run(), name="fonana-ws redis broker")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._op_timeout):
+                await self._up.wait()
+
+    async def disconnect(self) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._up.clear()
+        self._down_since = None
+        if self._publisher is not None:
+            await self._publisher.aclose()
+            self._publisher = None
+        self._refs.clear()
+        self._events.put_nowait(None)
+
+    async def subscribe(self, channel: str) -> None:
+        """Count one more subscriber; SUBSCRIBE for real only for the first. Never raises when down."""
+        async with self._locks.hold(channel):
+            self._refs[channel] = self._refs.get(channel, 0) + 1
+            if channel not in self._live:
+                await self._change("subscribe", channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Count one subscriber less; UNSUBSCRIBE for real when the last one leaves."""
+        async with self._locks.hold(channel):
+            count = self._refs.get(channel, 0) - 1
+            if count > 0:
+                self._refs[channel] = count
+                return
+            self._refs.pop(channel, None)
+            if channel in self._live:
+                await self._change("unsubscribe", channel)
+
+    async def publish(self, channel: str, message: Any) -> None:
+        """PUBLISH, or raise BrokerUnavailable within ``op_timeout`` rather than drop the message."""
+        data = message.encode() if isinstance(message, str) else message
+        size = len(data) if isinstance(data, bytes | bytearray | memoryview) else 0
+        if size > self._max_payload:
+            raise PayloadTooLarge(f"{size} bytes is over the {self._max_payload} byte limit")
+        if not self.is_up or self._publisher is None:
+            raise BrokerUnavailable("Redis is unreachable")
+        try:
+            async with within(self._op_timeout, "Redis PUBLISH"):
+                await self._publisher.publish(channel, message)
+        except _DOWN_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis publish failed: {describe(exc)}") from exc
+
+    async def next_published(self) -> Event:
+        """The next message, in order; waits through outages and raises only after disconnect()."""
+        event = await self._events.get()
+        if event is None:
+            self._events.put_nowait(None)  # wake any other waiter too
+            raise BrokerUnavailable("backend disconnected")
+        return event
+
+    async def _change(self, kind: str, channel: str) -> None:
+        """SUBSCRIBE/UNSUBSCRIBE on the live connection, if any; a failure ends that connection."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # down: _refs is the record, the next session applies it
+        try:
+            await self._send_and_confirm(pubsub, kind, channel)
+        except _DOWN_ERRORS as exc:
+            if self._pubsub is pubsub:
+                self._lost(exc)
+        else:
+            if kind == "subscribe":
+                self._live.add(channel)
+            else:
+                self._live.discard(channel)
+
+    async def _send_and_confirm(self, pubsub: PubSub, kind: str, channel: str) -> None:
+        """Send the command and wait until the reader sees Redis confirm it."""
+        if pubsub.connection is None or not pubsub.connection.is_connected:
+            # Sending now would let redis-py reconnect behind our back.
+            raise redis_errors.ConnectionError("not connected")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirms[channel] = (kind, waiter)
+        try:
+            async with within(self._op_timeout, f"Redis {kind.upper()}"):
+                if kind == "subscribe":
+                    await pubsub.subscribe(channel)
+                else:
+                    await pubsub.unsubscribe(channel)
+                await waiter
+        finally:
+            if self._confirms.get(channel, (kind, None))[1] is waiter:
+                del self._confirms[channel]
+
+    def _lost(self, reason: BaseException) -> None:
+        """Mark the broker down now and make the reader end this session."""
+        self._mark_down(reason)
+        self._kicked = reason
+
+    def _mark_down(self, reason: BaseException | str) -> None:
+        self._up.clear()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            logger.warning("broker down: %s (%s)", describe(reason), self.safe_url)
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            elapsed = time.monotonic() - self._down_since
+            logger.info("broker up again after %.1f s (%s)", elapsed, self.safe_url)
+        else:
+            logger.info("broker connected (%s)", self.safe_url)
+        self._down_since = None
+        self._up.set()
+
+    async def _run(self) -> None:
+        """Keep a session going forever, with capped exponential backoff between attempts."""
+        delay = _MIN_BACKOFF
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark_down(exc)
+            if self._session_was_up:
+                delay = _MIN_BACKOFF  # a fresh outage: retry soon
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff)
+
+    async def _session(self) -> None:
+        """One connection's life: connect, re-subscribe, read until the connection fails."""
+        client = aioredis.Redis.from_url(self._url, **self._client_options())
+        pubsub = client.pubsub()
+        reader: asyncio.Task[None] | None = None
+        self._kicked = None
+        self._session_was_up = False
+        try:
+            async with within(self._op_timeout, "connecting to Redis"):
+                await pubsub.connect()
+                assert self._publisher is not None
+                await self._publisher.ping()
+            self._live.clear()
+            self._pubsub = pubsub
+            reader = asyncio.create_task(self._read(pubsub))
+            await self._resubscribe(pubsub)
+            self._mark_up()
+            self._session_was_up = True
+            await reader
+        finally:
+            self._up.clear()
+            self._pubsub = None
+            self._live.clear()
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _resubscribe(self, pubsub: PubSub) -> None:
+        async def one(channel: str) -> None:
+            async with self._locks.hold(channel):
+                if channel in self._refs and channel not in self._live:
+                    await self._send_and_confirm(pubsub, "subscribe", channel)
+                    self._live.add(channel)
+
+        # Concurrently, so that thousands of channels cost one round trip rather than thousands.
+        results = await asyncio.gather(*(one(ch) for ch in list(self._refs)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _read(self, pubsub: PubSub) -> None:
+        """Deliver messages in order; PING when idle, so a silent dead peer is noticed too."""
+        loop = asyncio.get_running_loop()
+        last_seen = loop.time()
+        try:
+            while True:
+                if self._kicked is not None:
+                    raise self._kicked
+                if pubsub.connection is None or not pubsub.connection.is_connected:
+                    raise redis_errors.ConnectionError("connection closed")
+                message = await pubsub.get_message(timeout=self._health_interval)
+                now = loop.time()
+                if message is not None:
+                    last_seen = now
+                    self._dispatch(message)
+                elif now - last_seen > 3 * self._health_interval:
+                    raise redis_errors.TimeoutError(f"no reply from Redis for {now - last_seen:.1f} s")
+                elif now - last_seen >= self._health_interval:
+                    await pubsub.ping(_PING)
+        except BaseException as exc:
+            for _, waiter in self._confirms.values():
+                if not waiter.done():
+                    waiter.set_exception(redis_errors.ConnectionError(f"connection lost: {describe(exc)}"))
+            raise
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "message":
+            channel = _text(message["channel"])
+            # A message can still arrive just after the last subscriber left.
+            if channel in self._refs:
+                self._events.put_nowait(Event(channel=channel, message=_text(message["data"])))
+        elif kind in ("subscribe", "unsubscribe"):
+            confirm = self._confirms.get(_text(message["channel"]))
+            if confirm is not None and confirm[0] == kind and not confirm[1].done():
+                confirm[1].set_result(None)
