@@ -23,6 +23,7 @@ from .wire import EXTENSION, Wire, text_frame
 
 log = logging.getLogger("fonana_ws.connection")
 _ids = itertools.count(1)
+_EMPTY: deque[str] = deque(maxlen=0)
 
 
 class Outbox:
@@ -92,12 +93,13 @@ class Connection:
         self._limit = limit
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._queue: deque[str] = deque()
+        self._queue: deque[str] = _EMPTY
         self._queue_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self.on_slow: Any = None
         if self._wire is None:
+            self._queue = deque()  # the direct path never queues: no deque (~600 B) for it
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     @property

@@ -49,7 +49,9 @@ class FonanaEndpoint(WebSocketEndpoint):
     async def on_connect(self, websocket: WebSocket) -> None:
         services = self.services
         settings = services.settings
-        headers = {k: v for k, v in websocket.headers.items() if k == "authorization"}
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"] if k == b"authorization"
+        }
         subprotocols = self.scope.get("subprotocols") or []
         token = token_from_scope(self.scope.get("query_string", b""), headers, subprotocols)
         address = client_address(self.scope, settings.trusted_proxies)
@@ -84,6 +86,8 @@ class FonanaEndpoint(WebSocketEndpoint):
             return
 
         await websocket.accept(subprotocol=accept_proto)
+        # Everything needed from the handshake headers has been read; an idle socket need not keep them.
+        self.scope["headers"] = []
         conn = Connection(websocket, user_id, services.hub.outbox, limit=settings.send_buffer, client=address)
         conn.on_slow = self._on_slow
         try:

@@ -1,7 +1,292 @@
-"""Prometheus metrics and JSON stats (issue 5)."""
+"""Prometheus metrics (``GET /metrics``) and the same numbers as JSON (``GET /stats``).
+
+Nothing here runs on the hot path: the hub, the endpoint and the publisher bump plain ``Stats``
+counters, and a custom collector reads them (and the hub's tables) when someone scrapes. Each app has a
+registry of its own, made at its first scrape, so that several apps can live in one process.
+
+Both routes answer requests from loopback that no proxy forwarded (``net.is_local_request``) and
+requests that carry the server API key as ``Authorization: Bearer``; anyone else gets 401.
+"""
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+import functools
+import hmac
+import time
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
-routes: list[BaseRoute] = []
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from .channels import ID_FIELDS, channel_type
+from .net import is_local_request
+from .stats import Stats
+
+if TYPE_CHECKING:
+    from .services import Services
+
+#: Publish latency buckets, in seconds: a local memory publish takes microseconds, a Redis one about
+#: a millisecond, a PostgreSQL NOTIFY a few; the broker's own timeout is 2 s.
+PUBLISH_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+#: Refusal causes (``AuthError.cause``) reported even before they happen once, so that rate() works.
+AUTH_CAUSES = (
+    "no_token",
+    "malformed",
+    "bad_signature",
+    "expired",
+    "invalid_claims",
+    "unknown_user",
+    "database",
+)
+CHANNEL_TYPES = tuple(ID_FIELDS)
+
+
+class LatencyHistogram:
+    """A histogram as plain ints: ``observe`` is a bisect and three adds, no lock, no prometheus object."""
+
+    __slots__ = ("bounds", "counts", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = PUBLISH_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``[(le, count of observations <= le), ..., ("+Inf", count)]`` as Prometheus wants them."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
+def publish_latency(stats: Stats) -> LatencyHistogram:
+    """The publish latency histogram that belongs with ``stats`` (one per app, like ``Stats``)."""
+    hist = stats.__dict__.get("publish_latency")
+    if hist is None:
+        hist = stats.__dict__["publish_latency"] = LatencyHistogram()
+    return hist
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[str]])
+
+
+def timed_publish(func: F) -> F:
+    """Decorator for ``Publisher.publish``: observe how long each successful publish took.
+
+    The publisher keeps its ``Stats`` in ``self.stats``; the time lands in that app's histogram.
+    """
+
+    @functools.wraps(func)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> str:
+        started = time.perf_counter()
+        result = await func(self, *args, **kwargs)
+        publish_latency(self.stats).observe(time.perf_counter() - started)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def snapshot(services: Services) -> dict[str, Any]:
+    """Every number both routes report, read once, now."""
+    stats, hub = services.stats, services.hub
+    subscriptions = dict.fromkeys(CHANNEL_TYPES, 0)
+    channels = dict.fromkeys(CHANNEL_TYPES, 0)
+    for key, conns in hub.by_key.items():
+        kind = channel_type(key)
+        subscriptions[kind] = subscriptions.get(kind, 0) + len(conns)
+        channels[kind] = channels.get(kind, 0) + 1
+    auth_failures = dict.fromkeys(AUTH_CAUSES, 0)
+    auth_failures.update(stats.auth_failures)
+    subscribes = dict.fromkeys(CHANNEL_TYPES, 0)
+    subscribes.update(stats.subscriptions)
+    hist = publish_latency(stats)
+    return {
+        "connections": len(hub.connections),
+        "connected_users": len(hub.by_user),
+        "subscriptions": subscriptions,
+        "channels": channels,
+        "broker": {
+            "kind": services.broker.kind,
+            "up": bool(services.broker.is_up),
+            "subscriptions": stats.broker_subscriptions,
+        },
+        "totals": {
+            "connects": stats.connections_opened,
+            "auth_failures": auth_failures,
+            "subscribes": subscribes,
+            "events_published": stats.events_published,
+            "publish_failures": stats.publish_failures,
+            "broker_messages": stats.events_received,
+            "events_delivered": stats.deliveries,
+            "bad_envelopes": stats.bad_envelopes,
+            "slow_consumer_disconnects": stats.slow_consumer_disconnects,
+        },
+        "publish_seconds": {
+            "count": hist.count,
+            "sum": hist.sum,
+            "buckets": dict(hist.cumulative()),
+        },
+    }
+
+
+def _labelled(family: GaugeMetricFamily | CounterMetricFamily, values: dict[str, int]) -> Metric:
+    for label, value in sorted(values.items()):
+        family.add_metric([label], value)
+    return family
+
+
+class FonanaCollector(Collector):
+    """Reads the app's ``Stats`` and hub at scrape time."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self) -> Iterator[Metric]:
+        snap = snapshot(self.services)
+        totals = snap["totals"]
+        p = "fonana_ws_"
+        yield GaugeMetricFamily(
+            p + "connections", "Open authenticated WebSocket connections.", snap["connections"]
+        )
+        yield GaugeMetricFamily(
+            p + "connected_users", "Users with at least one open connection.", snap["connected_users"]
+        )
+        yield CounterMetricFamily(
+            p + "connects", "Connections accepted after authentication.", totals["connects"]
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                p + "auth_failures", "Connections refused (close 1008), by cause.", labels=["reason"]
+            ),
+            totals["auth_failures"],
+        )
+        yield _labelled(
+            GaugeMetricFamily(
+                p + "subscriptions", "Current channel subscriptions, by channel type.", labels=["type"]
+            ),
+            snap["subscriptions"],
+        )
+        yield _labelled(
+            GaugeMetricFamily(
+                p + "channels", "Channel keys with local subscribers, by type.", labels=["type"]
+            ),
+            snap["channels"],
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                p + "subscribes", "Successful subscribe requests, by channel type.", labels=["type"]
+            ),
+            totals["subscribes"],
+        )
+        yield CounterMetricFamily(
+            p + "events_published", "Events this process published to the broker.", totals["events_published"]
+        )
+        yield CounterMetricFamily(
+            p + "publish_failures",
+            "Publishes that failed (broker down, too large).",
+            totals["publish_failures"],
+        )
+        yield CounterMetricFamily(
+            p + "broker_messages",
+            "Broker messages received for local subscribers.",
+            totals["broker_messages"],
+        )
+        yield CounterMetricFamily(
+            p + "events_delivered",
+            "Events handed to connections (one per recipient).",
+            totals["events_delivered"],
+        )
+        yield CounterMetricFamily(
+            p + "bad_envelopes", "Broker messages dropped as not an envelope.", totals["bad_envelopes"]
+        )
+        yield CounterMetricFamily(
+            p + "slow_consumer_disconnects",
+            "Connections cut (close 1013) because their backlog passed WS_SEND_BUFFER.",
+            totals["slow_consumer_disconnects"],
+        )
+        up = GaugeMetricFamily(p + "broker_up", "1 when the broker is reachable, else 0.", labels=["broker"])
+        up.add_metric([snap["broker"]["kind"]], 1 if snap["broker"]["up"] else 0)
+        yield up
+        yield GaugeMetricFamily(
+            p + "broker_subscriptions",
+            "Broker channels this process listens to.",
+            snap["broker"]["subscriptions"],
+        )
+        hist = snap["publish_seconds"]
+        yield HistogramMetricFamily(
+            p + "publish_seconds",
+            "Time to publish one event to the broker (all its targets).",
+            buckets=list(hist["buckets"].items()),
+            sum_value=hist["sum"],
+        )
+
+
+def registry_for(request: Request) -> CollectorRegistry:
+    """The app's own registry, made at its first scrape (never prometheus_client's global one)."""
+    state = request.app.state
+    registry = getattr(state, "metrics_registry", None)
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(FonanaCollector(request.app.state.services))
+        ProcessCollector(registry=registry)
+        state.metrics_registry = registry
+    return registry
+
+
+def allowed(request: Request) -> bool:
+    """Loopback and not forwarded by a proxy, or the server API key as a Bearer token."""
+    if is_local_request(request.scope):
+        return True
+    key = request.app.state.services.settings.api_key
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    return bool(key and given and hmac.compare_digest(given.encode(), key.encode()))
+
+
+def unauthorized() -> Response:
+    return JSONResponse(
+        {"error": "metrics are served to local requests or with Authorization: Bearer <WS_API_KEY>"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text (or OpenMetrics when the scraper asks for it)."""
+    if not allowed(request):
+        return unauthorized()
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(registry_for(request)), media_type=content_type)
+
+
+async def stats(request: Request) -> Response:
+    """``GET /stats``: the same numbers as JSON."""
+    if not allowed(request):
+        return unauthorized()
+    return JSONResponse(snapshot(request.app.state.services))
+
+
+routes: list[BaseRoute] = [
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/stats", stats, methods=["GET"]),
+]

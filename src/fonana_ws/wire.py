@@ -10,10 +10,12 @@ uvicorn, and a test checks that the path is really taken.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import Protocol
 
 EXTENSION = "fonana.wire"
 
@@ -69,13 +71,101 @@ class Wire:
         p.loop.call_later(1.0, p.transport.abort)
 
 
+class Inbox:
+    """What uvicorn uses of ``asyncio.Queue`` (one consumer), on a list.
+
+    A Queue is three deques and an Event: ~2.4 KB for each idle connection, for the handful of client
+    frames this protocol ever receives.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+class Flag:
+    """What uvicorn uses of ``asyncio.Event`` (its write flow control), without the waiter deque."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if not self._set:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+        return True
+
+
 class FonanaWSProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, plus the ``fonana.wire`` scope extension."""
+    """uvicorn's websockets-sansio protocol, plus the ``fonana.wire`` scope extension, kept lean.
+
+    An idle connection is what a real-time server holds most of, so what the handshake leaves behind
+    (request, response, their headers) is dropped once the socket is accepted.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][EXTENSION] = Wire(self)
-            # The handshake is done with; the upgrade request would otherwise live as long as the socket.
             self.request = None
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            self.response = None
+            conn = self.conn
+            if not conn.reader.buffer:
+                # websockets' server parser generator keeps the handshake request (and its headers) in
+                # its frame for the socket's whole life; past the handshake it only delegates to the
+                # frame parser, so start that one directly. Nothing is buffered: a client may not send
+                # frames before it has our 101.
+                conn.parser = Protocol.parse(conn)
+                next(conn.parser)
