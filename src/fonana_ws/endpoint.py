@@ -49,9 +49,8 @@ class FonanaEndpoint(WebSocketEndpoint):
     async def on_connect(self, websocket: WebSocket) -> None:
         services = self.services
         settings = services.settings
-        headers = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"] if k == b"authorization"
-        }
+        raw_headers = self.scope["headers"]
+        headers = {k.decode(): v.decode("latin-1") for k, v in raw_headers if k == b"authorization"}
         subprotocols = self.scope.get("subprotocols") or []
         token = token_from_scope(self.scope.get("query_string", b""), headers, subprotocols)
         address = client_address(self.scope, settings.trusted_proxies)
