@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 async def start(broker_url: str, workdir: Path) -> tuple[subprocess.Popen, int]:
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True)  # noqa: ASYNC240 - once, before the server starts
     port = free_port()
     env = {
         **os.environ,
