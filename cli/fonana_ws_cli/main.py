@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fonana_ws.auth import create_token
 from fonana_ws.config import ConfigError, Settings, load_settings
@@ -23,7 +24,10 @@ def settings_or_exit(**overrides: str | None) -> Settings:
     try:
         return load_settings(environ)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # the data directory (FONANA_WS_DATA_DIR) cannot be created or read
+        err.print(f"[red]configuration error:[/red] FONANA_WS_DATA_DIR: {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -37,12 +41,12 @@ def parse_duration(text: str) -> float:
 
 @app.command()
 def serve(
-    host: str = typer.Option(None, help="Interface to listen on [env WS_HOST, default 127.0.0.1]."),
-    port: int = typer.Option(None, help="Port [env WS_PORT, default 3002]."),
+    host: str = typer.Option(None, help="Interface to listen on (env WS_HOST, default 127.0.0.1)."),
+    port: int = typer.Option(None, help="Port (env WS_PORT, default 3002)."),
     broadcast_url: str = typer.Option(
-        None, help="memory://, redis://... or postgresql://... [env BROADCAST_URL]."
+        None, help="memory://, redis://... or postgresql://... (env BROADCAST_URL)."
     ),
-    database_url: str = typer.Option(None, help="postgresql://... or sqlite:///... [env DATABASE_URL]."),
+    database_url: str = typer.Option(None, help="postgresql://... or sqlite:///... (env DATABASE_URL)."),
 ) -> None:
     """Run the server (memory broker and a local SQLite file when nothing is configured)."""
     from fonana_ws.server import serve as run

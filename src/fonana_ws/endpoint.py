@@ -18,6 +18,14 @@ from .services import Services
 log = logging.getLogger("fonana_ws.connection")
 
 
+def lifecycle(level: int, event: str, **fields: object) -> None:
+    """One log line per lifecycle event: ``event k=v ...`` in text, separate fields in JSON logs."""
+    if log.isEnabledFor(level):
+        fields = {k: v for k, v in fields.items() if v is not None}
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        log.log(level, "%s %s", event, text, extra={"fields": {"event": event, **fields}})
+
+
 class FonanaEndpoint(WebSocketEndpoint):
     """Authenticate first, read nothing before; then subscribe/unsubscribe/ping frames in order."""
 
@@ -57,6 +65,7 @@ class FonanaEndpoint(WebSocketEndpoint):
         accept_proto = "bearer" if "bearer" in subprotocols else None
         if accept_proto is None and token and token in subprotocols:
             accept_proto = token
+        user_id: str | None = None
         try:
             user_id, _claims = verify_token(
                 token,
@@ -74,11 +83,13 @@ class FonanaEndpoint(WebSocketEndpoint):
                 raise AuthError("unknown_user", "unknown user")
         except AuthError as exc:
             services.stats.auth_failures[exc.cause] += 1
-            log.info(
-                "refused client=%s cause=%s token=%s",
-                address,
-                exc.cause,
-                fingerprint(token) if token else "-",
+            lifecycle(
+                logging.INFO,
+                "refused",
+                user=user_id,
+                client=address,
+                cause=exc.cause,
+                token=fingerprint(token) if token else "-",
             )
             await websocket.accept(subprotocol=accept_proto)
             await websocket.close(protocol.CLOSE_UNAUTHORIZED, exc.reason[:120])
@@ -98,11 +109,11 @@ class FonanaEndpoint(WebSocketEndpoint):
             return
         self.conn = conn
         conn.send_text(protocol.connected(user_id))
-        log.info("connected conn=%s user=%s client=%s direct=%s", conn.id, user_id, address, conn.direct)
+        lifecycle(logging.INFO, "connected", conn=conn.id, user=user_id, client=address, direct=conn.direct)
 
     def _on_slow(self, conn: Connection) -> None:
         self.services.stats.slow_consumer_disconnects += 1
-        log.warning("slow consumer cut conn=%s user=%s client=%s", conn.id, conn.user_id, conn.client)
+        lifecycle(logging.WARNING, "slow consumer cut", conn=conn.id, user=conn.user_id, client=conn.client)
 
     async def on_receive(self, websocket: WebSocket, data: Any) -> None:
         conn = self.conn
@@ -135,7 +146,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             conn.send_text(protocol.error(protocol.SUBSCRIBE_FAILED, channel))
             return
         if not allowed:
-            log.info("denied conn=%s user=%s key=%s", conn.id, conn.user_id, key)
+            lifecycle(logging.INFO, "denied", conn=conn.id, user=conn.user_id, client=conn.client, key=key)
             conn.send_text(protocol.error(protocol.ACCESS_DENIED, channel))
             return
         try:
@@ -161,11 +172,12 @@ class FonanaEndpoint(WebSocketEndpoint):
         if conn is None:
             return
         await self.services.hub.remove_connection(conn)
-        log.info(
-            "disconnected conn=%s user=%s client=%s code=%s%s",
-            conn.id,
-            conn.user_id,
-            conn.client,
-            close_code,
-            f" reason={conn.close_reason}" if conn.close_reason else "",
+        lifecycle(
+            logging.INFO,
+            "disconnected",
+            conn=conn.id,
+            user=conn.user_id,
+            client=conn.client,
+            code=close_code,
+            reason=conn.close_reason or None,
         )

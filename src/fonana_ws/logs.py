@@ -16,6 +16,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        fields = getattr(record, "fields", None)
+        if fields:
+            body.update(fields)
         if record.exc_info:
             body["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(body).decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,8 +31,18 @@ def client_address(scope: dict[str, Any], trusted: Iterable[str]) -> str:
     return host
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, and IPv4-mapped loopback (what a server listening on ``::`` sees)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
 def is_local_request(scope: dict[str, Any]) -> bool:
     """From loopback, and not forwarded by a proxy on someone else's behalf."""
-    if peer_host(scope) not in ("127.0.0.1", "::1", "localhost"):
+    if not is_loopback(peer_host(scope)):
         return False
     return not any(name in (b"x-forwarded-for", b"forwarded", b"x-real-ip") for name, _ in scope["headers"])

@@ -8,6 +8,7 @@ from typing import Any
 from .broker import Broker
 from .broker import envelope as env
 from .channels import ChannelError, parse_key
+from .metrics import timed_publish
 from .stats import Stats
 
 MAX_USER_ID = 200
@@ -32,6 +33,7 @@ class Publisher:
         self.broker = broker
         self.stats = stats or Stats()
 
+    @timed_publish
     async def publish(
         self,
         event: dict[str, Any],

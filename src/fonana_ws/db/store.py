@@ -16,6 +16,25 @@ from .schema import create_schema
 
 UNREAD_LIMIT = 20
 
+#: The web app's tables and columns this server reads (``fonana-ws doctor`` checks they exist).
+SERVER_READS: dict[str, tuple[str, ...]] = {
+    "users": ("id",),
+    "posts": (
+        "id",
+        "creatorId",
+        "title",
+        "type",
+        "thumbnail",
+        "isLocked",
+        "minSubscriptionTier",
+        "likesCount",
+        "createdAt",
+    ),
+    "subscriptions": ("userId", "creatorId", "isActive", "paymentStatus", "validUntil"),
+    "post_purchases": ("userId", "postId", "paymentStatus"),
+    "notifications": ("id", "userId", "type", "title", "message", "isRead", "metadata", "createdAt"),
+}
+
 
 def utcnow() -> datetime:
     """Naive UTC now, the way Prisma writes ``TIMESTAMP(3)`` columns."""
