@@ -138,7 +138,9 @@ async def test_lifecycle_lines_with_real_client_address_and_no_token(tmp_path: P
             orjson.dumps({"type": "subscribe", "channel": {"type": "post", "postId": "demo-post-locked"}})
         )
         assert (await first_frame(direct))["type"] == "error"
-        await wait_for_line(log, r"denied conn=\S+ user=demo-outsider client=127\.0\.0\.2 key=post_demo-post-locked")
+        await wait_for_line(
+            log, r"denied conn=\S+ user=demo-outsider client=127\.0\.0\.2 key=post_demo-post-locked"
+        )
 
         # Tokens by header and by subprotocol.
         by_header = await connect(port, additional_headers={"Authorization": f"Bearer {header_token}"})

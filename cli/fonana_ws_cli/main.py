@@ -57,7 +57,7 @@ def serve(
         BROADCAST_URL=broadcast_url,
         DATABASE_URL=database_url,
     )
-    if settings.embedded:
+    if settings.embedded and not settings.log_json:  # JSON logs stay one object per line
         from fonana_ws.db import demo
 
         err.print(f"[bold]Embedded mode[/bold]: SQLite at {settings.database_url.split(':///', 1)[1]}")

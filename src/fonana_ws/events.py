@@ -157,11 +157,11 @@ async def prepare_notification(
         created_at = _timestamp("createdAt", created_at)
     await _need_user(store, "userId", user_id)
     if persist:
-        stored = await sql.get_notification(store.db, notification_id) if notification_id else None
+        stored = await sql.get_notification(store.q, notification_id) if notification_id else None
         if stored is not None and stored["userId"] != user_id:
             raise Conflict(f"id: notification {notification_id} belongs to another user")
         notification = stored or await sql.insert_notification(
-            store.db, user_id, type, title, message, metadata, notification_id=notification_id
+            store.q, user_id, type, title, message, metadata, notification_id=notification_id
         )
     else:
         notification = {
@@ -184,7 +184,7 @@ async def prepare_notification_read(store: Store, user_id: str, notification_id:
     user_id = _id("userId", user_id)
     notification_id = _id("notificationId", notification_id)
     await _need_user(store, "userId", user_id)
-    if not await sql.mark_read(store.db, user_id, notification_id):
+    if not await sql.mark_read(store.q, user_id, notification_id):
         raise NotFound(f"notificationId: user {user_id} has no notification {notification_id}")
     event = {"type": "notification_read", "userId": user_id, "notificationId": notification_id}
     return Emission(event, users=[user_id])
@@ -194,7 +194,7 @@ async def prepare_notifications_cleared(store: Store, user_id: str) -> Emission:
     """Mark all of the user's unread notifications read; ``notifications_cleared`` to the user."""
     user_id = _id("userId", user_id)
     await _need_user(store, "userId", user_id)
-    await sql.clear(store.db, user_id)
+    await sql.clear(store.q, user_id)
     return Emission({"type": "notifications_cleared", "userId": user_id}, users=[user_id])
 
 
@@ -207,7 +207,7 @@ async def prepare_post_likes(store: Store, post_id: str, user_id: str, is_liked:
     user_id = _id("userId", user_id)
     if not isinstance(is_liked, bool):
         raise PublishError("isLiked must be true or false")
-    likes = await sql.likes_count(store.db, post_id)
+    likes = await sql.likes_count(store.q, post_id)
     if likes is None:
         raise NotFound(f"postId: no post {post_id}")
     await _need_user(store, "userId", user_id)
@@ -232,7 +232,7 @@ async def prepare_post_created(
     given = {"id": post} if isinstance(post, str | int) and not isinstance(post, bool) else post
     given = _mapping("post", given)
     post_id = _id("post.id", given.get("id"))
-    stored = await sql.post_summary(store.db, post_id)
+    stored = await sql.post_summary(store.q, post_id)
     if stored is None:
         raise NotFound(f"post.id: no post {post_id}")
     creator_id = stored.pop("creatorId")
@@ -246,7 +246,7 @@ async def prepare_post_created(
     if given.get("createdAt") is not None:
         stored["createdAt"] = _timestamp("post.createdAt", given["createdAt"])
     if subscriber_ids is None:
-        subscribers = await sql.active_subscriber_ids(store.db, creator_id)
+        subscribers = await sql.active_subscriber_ids(store.q, creator_id)
     else:
         if isinstance(subscriber_ids, str | bytes | Mapping) or not isinstance(subscriber_ids, Iterable):
             raise PublishError("subscriberIds must be a list of user ids")

@@ -15,10 +15,8 @@ import socket
 import time
 from typing import Any
 
-import databases
-
 from .schema import NOTIFICATION_TYPES
-from .store import iso, notification_row, utcnow
+from .store import Queries, is_postgres, iso, notification_row, utcnow
 
 _COLUMNS = 'id, "userId", type, title, message, "isRead", metadata, "createdAt"'
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -51,14 +49,14 @@ def is_notification_type(value: Any) -> bool:
     return isinstance(value, str) and value in NOTIFICATION_TYPES
 
 
-async def get_notification(db: databases.Database, notification_id: str) -> dict[str, Any] | None:
+async def get_notification(db: Queries, notification_id: str) -> dict[str, Any] | None:
     """The NOTIFICATION object of one row, or None."""
     row = await db.fetch_one(f"SELECT {_COLUMNS} FROM notifications WHERE id = :id", {"id": notification_id})
     return notification_row(row) if row is not None else None
 
 
 async def insert_notification(
-    db: databases.Database,
+    db: Queries,
     user_id: str,
     type: str,
     title: str,
@@ -70,7 +68,7 @@ async def insert_notification(
     """Write one ``notifications`` row and return it as stored (the NOTIFICATION object)."""
     if not is_notification_type(type):
         raise ValueError(f"type must be one of {', '.join(NOTIFICATION_TYPES)}")
-    pg = db.url.dialect == "postgresql"
+    pg = is_postgres(db)
     type_sql = 'CAST(:type AS "NotificationType")' if pg else ":type"
     meta_sql = "CAST(:meta AS JSONB)" if pg else ":meta"
     notification_id = notification_id or new_id()
@@ -92,7 +90,7 @@ async def insert_notification(
     return stored
 
 
-async def mark_read(db: databases.Database, user_id: str, notification_id: str) -> bool:
+async def mark_read(db: Queries, user_id: str, notification_id: str) -> bool:
     """Mark one of ``user_id``'s notifications read; False when there is no such row for that user."""
     owner = await db.fetch_val('SELECT "userId" FROM notifications WHERE id = :id', {"id": notification_id})
     if owner is None or str(owner) != user_id:
@@ -104,7 +102,7 @@ async def mark_read(db: databases.Database, user_id: str, notification_id: str) 
     return True
 
 
-async def clear(db: databases.Database, user_id: str) -> int:
+async def clear(db: Queries, user_id: str) -> int:
     """Mark every unread notification of ``user_id`` read; returns how many were unread."""
     where = 'WHERE "userId" = :user AND "isRead" = FALSE'
     count = await db.fetch_val(f"SELECT COUNT(*) FROM notifications {where}", {"user": user_id})
@@ -112,13 +110,13 @@ async def clear(db: databases.Database, user_id: str) -> int:
     return int(count or 0)
 
 
-async def likes_count(db: databases.Database, post_id: str) -> int | None:
+async def likes_count(db: Queries, post_id: str) -> int | None:
     """``posts.likesCount`` of a post, or None when there is no such post."""
     row = await db.fetch_one('SELECT "likesCount" FROM posts WHERE id = :id', {"id": post_id})
     return int(row._mapping["likesCount"] or 0) if row is not None else None
 
 
-async def post_summary(db: databases.Database, post_id: str) -> dict[str, Any] | None:
+async def post_summary(db: Queries, post_id: str) -> dict[str, Any] | None:
     """The post as ``post_created`` carries it, plus ``creatorId``; None when there is no such post."""
     row = await db.fetch_one(
         'SELECT id, "creatorId", title, type, thumbnail, "createdAt" FROM posts WHERE id = :id',
@@ -137,7 +135,7 @@ async def post_summary(db: databases.Database, post_id: str) -> dict[str, Any] |
     }
 
 
-async def active_subscriber_ids(db: databases.Database, creator_id: str) -> list[str]:
+async def active_subscriber_ids(db: Queries, creator_id: str) -> list[str]:
     """The users with an active, paid, unexpired subscription to ``creator_id`` (protocol §2's rule)."""
     rows = await db.fetch_all(
         """SELECT DISTINCT "userId" FROM subscriptions WHERE "creatorId" = :creator AND "isActive" = TRUE

@@ -36,6 +36,15 @@ SERVER_READS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: What queries run on: the ``Database`` (its pool) or one of its ``Connection``s; same query methods.
+Queries = databases.Database | databases.core.Connection
+
+
+def is_postgres(q: Queries) -> bool:
+    """Only the PostgreSQL side runs on the ``Database`` itself (SQLite shares a ``Connection``)."""
+    return isinstance(q, databases.Database) and q.url.dialect == "postgresql"
+
+
 def utcnow() -> datetime:
     """Naive UTC now, the way Prisma writes ``TIMESTAMP(3)`` columns."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -79,6 +88,8 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.db = databases.Database(url)
+        #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
+        self.q: Queries = self.db
 
     @property
     def dialect(self) -> str:
@@ -86,8 +97,17 @@ class Store:
 
     async def connect(self) -> None:
         await self.db.connect()
+        if self.dialect == "sqlite":
+            # `databases` gives every asyncio task its own connection; on SQLite that is a new thread and
+            # a file open for each WebSocket (~1 ms a connect). SQLite serializes writes anyway: share one.
+            shared = self.db.connection()
+            await shared.__aenter__()
+            self.q = shared
 
     async def disconnect(self) -> None:
+        if self.q is not self.db:
+            await self.q.__aexit__(None, None, None)
+            self.q = self.db
         await self.db.disconnect()
 
     async def create_schema(self) -> None:
@@ -95,13 +115,13 @@ class Store:
 
     async def ping(self) -> None:
         """Raise if the database cannot answer a query."""
-        await self.db.fetch_val("SELECT 1")
+        await self.q.fetch_val("SELECT 1")
 
     async def user_exists(self, user_id: str) -> bool:
-        return await self.db.fetch_val("SELECT 1 FROM users WHERE id = :id", {"id": user_id}) is not None
+        return await self.q.fetch_val("SELECT 1 FROM users WHERE id = :id", {"id": user_id}) is not None
 
     async def get_post(self, post_id: str) -> dict[str, Any] | None:
-        row = await self.db.fetch_one(
+        row = await self.q.fetch_one(
             """SELECT id, "creatorId", "isLocked", "minSubscriptionTier", "likesCount"
                FROM posts WHERE id = :id""",
             {"id": post_id},
@@ -109,7 +129,7 @@ class Store:
         return dict(row._mapping) if row is not None else None
 
     async def has_active_subscription(self, user_id: str, creator_id: str) -> bool:
-        row = await self.db.fetch_val(
+        row = await self.q.fetch_val(
             """SELECT 1 FROM subscriptions WHERE "userId" = :user AND "creatorId" = :creator
                AND "isActive" = TRUE AND "paymentStatus" = 'COMPLETED' AND "validUntil" > :now""",
             {"user": user_id, "creator": creator_id, "now": utcnow()},
@@ -117,7 +137,7 @@ class Store:
         return row is not None
 
     async def has_purchase(self, user_id: str, post_id: str) -> bool:
-        row = await self.db.fetch_val(
+        row = await self.q.fetch_val(
             """SELECT 1 FROM post_purchases WHERE "userId" = :user AND "postId" = :post
                AND "paymentStatus" = 'COMPLETED'""",
             {"user": user_id, "post": post_id},
@@ -125,7 +145,7 @@ class Store:
         return row is not None
 
     async def unread_notifications(self, user_id: str, limit: int = UNREAD_LIMIT) -> list[dict[str, Any]]:
-        rows = await self.db.fetch_all(
+        rows = await self.q.fetch_all(
             """SELECT id, "userId", type, title, message, "isRead", metadata, "createdAt" FROM notifications
                WHERE "userId" = :user AND "isRead" = FALSE ORDER BY "createdAt" DESC, id DESC LIMIT :limit""",
             {"user": user_id, "limit": limit},
