@@ -1881,7 +1881,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start fonana-ws (target 'ours') on a throwaway SQLite seeded with the bench users, and stop it",
     )
-    p.add_argument("--ours-port", type=int, default=8102, help="port for --spawn-ours")
+    p.add_argument("--ours-port", type=int, default=8102, help="port for --spawn-ours (and the next ones)")
+    p.add_argument(
+        "--ours-procs",
+        type=int,
+        default=1,
+        help="--spawn-ours processes sharing --ours-broker: publish on the first, subscribe on the last",
+    )
     p.add_argument(
         "--ours-broker",
         default="memory://",
@@ -2042,7 +2048,9 @@ def main(argv: list[str] | None = None) -> int:
     users = load_users(a)
     peer = Peer(a) if a.spawn_peer else None
     ours = (
-        Ours(a.ours_port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker) if a.spawn_ours else None
+        Ours(a.ours_port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, a.ours_procs)
+        if a.spawn_ours
+        else None
     )
     targets: list[Target] = []
     try:
@@ -2050,9 +2058,10 @@ def main(argv: list[str] | None = None) -> int:
             peer.prepare()
             targets.append(peer.start())
         if ours:
-            ws_url, http_url, pid = ours.start()
-            log(f"ours: pid {pid} on 127.0.0.1:{a.ours_port}, CPUs {a.server_cpus}, broker {a.ours_broker}")
-            targets.append(Target("ours", ws_url, http_url, pids=[pid]))
+            ws_url, http_url, pids = ours.start()
+            log(f"ours: pids {pids} from port {a.ours_port}, CPUs {a.server_cpus}, broker {a.ours_broker}")
+            name = "ours" if a.ours_procs == 1 else f"ours x{a.ours_procs} ({a.ours_broker.split(':')[0]})"
+            targets.append(Target(name, ws_url, http_url, pids=pids))
         targets.extend(parse_targets(a))
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setaffinity(0, parse_cpus(a.client_cpus))

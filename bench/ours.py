@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fonana_ws.db import Store, demo
 
@@ -37,30 +38,50 @@ async def seed(database_url: str, users: list[str]) -> None:
 
 
 class Ours:
-    """One fonana-ws process under test."""
+    """fonana-ws under test: one process, or several sharing a broker (``procs``).
+
+    With several, the benchmark publishes on the first and its subscribers connect to the last, so every
+    event crosses the broker; the CPU reported is that of all of them.
+    """
 
     def __init__(
-        self, port: int, secret: str, api_key: str, cpus: str, users: list[str], broker: str = "memory://"
+        self,
+        port: int,
+        secret: str,
+        api_key: str,
+        cpus: str,
+        users: list[str],
+        broker: str = "memory://",
+        procs: int = 1,
     ) -> None:
+        if procs > 1 and broker.startswith("memory"):
+            raise ValueError("several processes need a shared broker: --ours-broker redis://...")
         self.port = port
         self.secret = secret
         self.api_key = api_key
         self.cpus = cpus
         self.users = users
         self.broker = broker
+        self.count = procs
         self.dir = Path(tempfile.mkdtemp(prefix="fonana-ws-bench-"))
-        self.proc: subprocess.Popen | None = None
-        self.logf = None
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
 
-    def start(self) -> tuple[str, str, int]:
-        """Start it; returns (ws url, http url, pid)."""
+    def start(self) -> tuple[str, str, list[int]]:
+        """Start them; returns (ws url of the last, http url of the first, pids)."""
         database_url = f"sqlite+aiosqlite:///{self.dir / 'bench.db'}"
         asyncio.run(seed(database_url, self.users))
+        for i in range(self.count):
+            self._start_one(self.port + i, database_url)
+        last = self.port + self.count - 1
+        return f"ws://127.0.0.1:{last}/ws", f"http://127.0.0.1:{self.port}", [p.pid for p in self.procs]
+
+    def _start_one(self, port: int, database_url: str) -> None:
         env = dict(
             os.environ,
             JWT_SECRET=self.secret,
             WS_API_KEY=self.api_key,
-            WS_PORT=str(self.port),
+            WS_PORT=str(port),
             DATABASE_URL=database_url,
             BROADCAST_URL=self.broker,
             FONANA_WS_DATA_DIR=str(self.dir),
@@ -69,29 +90,30 @@ class Ours:
         cmd = [sys.executable, "-m", "fonana_ws", "serve"]
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", self.cpus, *cmd]
-        self.logf = open(self.dir / "server.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, env=env, cwd=self.dir, stdout=self.logf, stderr=subprocess.STDOUT)
+        logf = open(self.dir / f"server-{port}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.logs.append(logf)
+        proc = subprocess.Popen(cmd, env=env, cwd=self.dir, stdout=logf, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"fonana-ws exited with {self.proc.returncode}; see {self.dir / 'server.log'}"
-                )
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
+            if proc.poll() is not None:
+                raise RuntimeError(f"fonana-ws exited with {proc.returncode}; see {logf.name}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
                 break
             time.sleep(0.1)
         else:
             raise RuntimeError("fonana-ws did not start listening in 30 s")
-        return f"ws://127.0.0.1:{self.port}/ws", f"http://127.0.0.1:{self.port}", self.proc.pid
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             try:
-                self.proc.wait(15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.logf:
-            self.logf.close()
+                proc.kill()
+                proc.wait(5)
+        for logf in self.logs:
+            logf.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fonana_ws.auth import create_token
 from fonana_ws.net import is_local_request
 
-from .conftest import API_KEY, Server, make_settings, running
+from .conftest import API_KEY, Server, free_port, make_settings, running
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
@@ -232,3 +233,21 @@ def test_which_peers_count_as_local() -> None:
     for host in ("203.0.113.7", "10.0.0.5", "::ffff:203.0.113.7", "2001:db8::1", ""):
         assert not is_local_request(scope(host)), host
     assert not is_local_request(scope("127.0.0.1", (b"x-forwarded-for", b"203.0.113.7")))
+
+
+async def test_metrics_port_serves_metrics_on_a_second_listener(tmp_path) -> None:
+    """The old server's METRICS_PORT keeps working, on loopback by default, under the same access rule."""
+    metrics_port = free_port()
+    async with running(make_settings(tmp_path, None, METRICS_PORT=str(metrics_port))) as srv:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}", timeout=5) as http:
+            response = await http.get("/metrics")
+            assert response.status_code == 200
+            names = {f.name for f in text_string_to_metric_families(response.text)}
+            assert "fonana_ws_connections" in names
+            assert (await http.get("/stats")).json()["connections"] == 0
+            proxied = await http.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"})
+            assert proxied.status_code == 401
+            assert (await http.get("/api/publish")).status_code == 404  # only metrics live there
+        assert (await srv.http.get("/metrics")).status_code == 200
+    with socket.socket() as probe:  # the listener is closed with the server
+        probe.bind(("127.0.0.1", metrics_port))

@@ -396,7 +396,7 @@ async def test_doctor_broker_down_and_port_taken(tmp_path: Path) -> None:
     lines = doctor_lines(result.out)
     assert lines["broker"][0] == "FAIL" and "unreachable" in lines["broker"][1]
     assert lines["port"][0] == "FAIL" and "another program" in lines["port"][1]
-    assert lines["metrics"][0] == "warn" and "METRICS_PORT" in lines["metrics"][1]
+    assert lines["metrics"][0] == "ok" and ":9090" in lines["metrics"][1]
     assert lines["secret"][0] == "ok"
 
 

@@ -285,12 +285,12 @@ async def run_checks(report: Report, wait: float) -> None:
     await check_database(report, settings, wait)
     await check_broker(report, settings, wait)
     await check_port(report, settings, wait)
-    metrics_port = environ.get("METRICS_PORT") or dotenv.get("METRICS_PORT")
-    if metrics_port:
+    if settings.metrics_port:
         report.add(
             "metrics",
-            WARN,
-            f"METRICS_PORT={metrics_port} is ignored: metrics are at http://{settings.host}:{settings.port}/metrics",
+            OK,
+            f"/metrics on http://{settings.host}:{settings.port} and http://{settings.metrics_host}:"
+            f"{settings.metrics_port} (METRICS_PORT)",
         )
 
 

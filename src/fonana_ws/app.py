@@ -50,6 +50,11 @@ async def start(services: Services) -> None:
         for user_id, what in DEMO_USERS.items():
             log.info("demo user %s: %s", user_id, what)
     await services.broker.connect()
+    if settings.metrics_port:
+        services.metrics_server = await metrics.start_metrics_server(
+            services, settings.metrics_host, settings.metrics_port
+        )
+        log.info("metrics also on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
     log.info(
         "fonana-ws ready: database=%s broker=%s secret from %s",
         mask_url(settings.database_url),
@@ -65,6 +70,10 @@ async def start(services: Services) -> None:
 
 
 async def stop(services: Services) -> None:
+    if services.metrics_server is not None:
+        server, task = services.metrics_server
+        server.should_exit = True
+        await task
     await services.hub.close(CLOSE_GOING_AWAY, "Server shutting down")
     await services.broker.disconnect()
     await services.store.disconnect()

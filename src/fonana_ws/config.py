@@ -45,6 +45,9 @@ class Settings:
     log_level: str = "info"
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     shutdown_timeout: float = 8.0
+    #: A second listener for /metrics and /stats only (the old server's METRICS_PORT); None: main port only.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     #: Where each setting came from (name -> "env", ".env", "default", "generated"), for `fonana-ws config`.
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -188,6 +191,7 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         api_key = dev_secret(data_dir, DEV_API_KEY_FILE)
         src["WS_API_KEY"] = f"dev key file {data_dir / DEV_API_KEY_FILE}"
     proxies = get("TRUSTED_PROXIES")
+    metrics_port = get("METRICS_PORT")
 
     return Settings(
         host=get("WS_HOST") or "127.0.0.1",
@@ -211,5 +215,7 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         if proxies
         else ("127.0.0.1", "::1"),
         shutdown_timeout=_float("WS_SHUTDOWN_TIMEOUT", get("WS_SHUTDOWN_TIMEOUT"), 8.0, 0.0),
+        metrics_port=_int("METRICS_PORT", metrics_port, 0, 1, 65535) if metrics_port else None,
+        metrics_host=get("METRICS_HOST") or "127.0.0.1",
         sources=src,
     )

@@ -10,13 +10,17 @@ requests that carry the server API key as ``Authorization: Bearer``; anyone else
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
+import socket
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -26,6 +30,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -290,3 +295,37 @@ routes: list[BaseRoute] = [
     Route("/metrics", metrics, methods=["GET"]),
     Route("/stats", stats, methods=["GET"]),
 ]
+
+
+class _QuietServer(uvicorn.Server):
+    """The main server owns the signals; this one stops when the app does."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def start_metrics_server(
+    services: Any, host: str, port: int
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """Serve ``/metrics`` and ``/stats`` (same access rule) on a port of their own, as METRICS_PORT did."""
+    app = Starlette(routes=routes)
+    app.state.services = services
+    # Bound here, so that a taken port is an OSError naming it rather than uvicorn's sys.exit().
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror}") from None
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False)
+    server = _QuietServer(config)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()  # raises why it could not start (port taken, ...)
+            raise RuntimeError(f"metrics server on {host}:{port} did not start")
+        await asyncio.sleep(0.01)
+    return server, task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .broker import Broker
 from .config import Settings
@@ -20,3 +21,5 @@ class Services:
     hub: Hub
     publisher: Publisher
     stats: Stats
+    #: (server, task) of the METRICS_PORT listener, when one is configured.
+    metrics_server: Any = None
