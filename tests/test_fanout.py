@@ -54,24 +54,39 @@ async def test_event_on_two_routes_arrives_once(server: Server) -> None:
     await client.nothing(0.4)
 
 
-async def test_one_broker_subscription_per_key_and_released_by_the_last(server: Server) -> None:
+async def test_one_broker_subscription_per_key_and_released_by_the_last(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = server.services.broker
+    calls: list[tuple[str, str]] = []
+    for name in ("subscribe", "unsubscribe"):
+        real = getattr(broker.backend, name)
+
+        async def counted(channel: str, real=real, name=name) -> None:
+            calls.append((name, channel))
+            await real(channel)
+
+        monkeypatch.setattr(broker.backend, name, counted)
     users = [await server.user() for _ in range(3)]
     clients = [await server.connect(users[i % 3]) for i in range(30)]
     key = f"creator_shared-{users[0]}"
+    channel = envelope.key_channel(key)
     await asyncio.gather(*(c.subscribe({"type": "creator", "id": key.split("_", 1)[1]}) for c in clients))
     hub = server.services.hub
-    channel = envelope.key_channel(key)
-    assert channel in hub._pumps
-    assert len(server.services.broker.broadcast._subscribers[channel]) == 1
-    assert len(hub.by_key[key]) == 30
+    assert channel in hub._subs and len(hub.by_key[key]) == 30
+    assert calls.count(("subscribe", channel)) == 1
+    # the users' direct channels: one each, however many tabs
+    assert sorted(c for n, c in calls if n == "subscribe" and c != channel) == sorted(
+        envelope.user_channel(u) for u in users
+    )
     for c in clients:
         await c.close()
     for _ in range(100):
-        if channel not in server.services.broker.broadcast._subscribers:
+        if ("unsubscribe", channel) in calls:
             break
         await asyncio.sleep(0.02)
-    assert key not in hub.by_key and channel not in hub._pumps
-    assert channel not in server.services.broker.broadcast._subscribers
+    assert key not in hub.by_key and channel not in hub._subs
+    assert calls.count(("unsubscribe", channel)) == 1
 
 
 async def test_event_is_encoded_once_for_all_recipients(

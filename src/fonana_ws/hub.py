@@ -1,7 +1,8 @@
 """Key -> local connections, user -> local connections, and the fan-out.
 
 The hub holds one broker subscription per broker channel (a channel key, or a user's direct channel)
-however many local connections want it, decodes each broker message once, builds the outgoing frame
+however many local connections want it (no task or queue per channel: the broker hands every message to
+``on_message``), decodes each broker message once, builds the outgoing frame
 once, and hands the same bytes to every local recipient. Nothing here awaits per recipient.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 import orjson
 
@@ -26,16 +27,6 @@ log = logging.getLogger("fonana_ws.hub")
 RECENT_MULTI = 4096
 
 
-@dataclass
-class _Pump:
-    """The one subscription of this process to one broker channel."""
-
-    channel: str
-    ready: asyncio.Future[None]
-    task: asyncio.Task[None] | None = None
-    users: int = field(default=0)
-
-
 class Hub:
     def __init__(self, broker: Broker, stats: Stats | None = None) -> None:
         self.broker = broker
@@ -44,7 +35,10 @@ class Hub:
         self.by_key: dict[str, set[Connection]] = {}
         self.by_user: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
-        self._pumps: dict[str, _Pump] = {}
+        #: Broker channel -> its subscribe task; present while some local connection wants the channel.
+        self._subs: dict[str, asyncio.Task[None]] = {}
+        self._ops: dict[str, asyncio.Task[None]] = {}
+        broker.listen(self.on_message)
         self._recent: OrderedDict[str, set[int]] = OrderedDict()
 
     # -- membership -------------------------------------------------------------------------------
@@ -99,42 +93,53 @@ class Hub:
     # -- broker subscriptions -----------------------------------------------------------------------
 
     async def _want(self, channel: str) -> None:
-        pump = self._pumps.get(channel)
-        if pump is None:
-            loop = asyncio.get_running_loop()
-            pump = _Pump(channel, loop.create_future())
-            pump.task = loop.create_task(self._pump(pump), name=f"pump {channel}")
-            self._pumps[channel] = pump
+        """Subscribe this process to ``channel`` unless it already is; wait until it is."""
+        ready = self._subs.get(channel)
+        if ready is None:
+            ready = self._subs[channel] = self._in_order(channel, self.broker.subscribe)
             self.stats.broker_subscriptions += 1
-        await asyncio.shield(pump.ready)
+        try:
+            await asyncio.shield(ready)
+        except Exception:
+            if self._subs.get(channel) is ready:
+                del self._subs[channel]
+                self.stats.broker_subscriptions -= 1
+            raise
 
     def _release(self, channel: str) -> None:
-        pump = self._pumps.pop(channel, None)
-        if pump is not None and pump.task is not None:
-            pump.task.cancel()
+        """Nobody here wants ``channel`` any more: unsubscribe (after any pending subscribe)."""
+        if self._subs.pop(channel, None) is not None:
             self.stats.broker_subscriptions -= 1
+            self._in_order(channel, self.broker.unsubscribe)
 
-    async def _pump(self, pump: _Pump) -> None:
-        target_is_user = pump.channel.startswith(env.USER_PREFIX)
-        target = pump.channel[len(env.USER_PREFIX if target_is_user else env.PREFIX) :]
-        table = self.by_user if target_is_user else self.by_key
-        try:
-            async with self.broker.subscribe(pump.channel) as subscriber:
-                pump.ready.set_result(None)
-                while True:
-                    event = await subscriber.get()
-                    self.deliver(table.get(target), event.message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not pump.ready.done():
-                pump.ready.set_exception(exc)
-                pump.ready.exception()  # retrieved: the waiting join reports it
-            else:
-                log.error("subscription to %s ended: %s", pump.channel, exc)
-            if self._pumps.get(pump.channel) is pump:
-                del self._pumps[pump.channel]
-                self.stats.broker_subscriptions -= 1
+    def _in_order(self, channel: str, op: Callable[[str], Awaitable[None]]) -> asyncio.Task[None]:
+        """Run ``op`` after the previous (un)subscribe of ``channel``: the broker sees them in order."""
+        before = self._ops.get(channel)
+
+        async def run() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await op(channel)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._ops[channel] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            if self._ops.get(channel) is t:
+                del self._ops[channel]
+            if not t.cancelled() and t.exception() is not None and channel not in self._subs:
+                log.warning("broker (un)subscribe of %s failed: %s", channel, t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    def on_message(self, channel: str, message: str) -> None:
+        """A broker message for ``channel``: its local connections are the target."""
+        if channel.startswith(env.USER_PREFIX):
+            conns = self.by_user.get(channel[len(env.USER_PREFIX) :])
+        else:
+            conns = self.by_key.get(channel[len(env.PREFIX) :])
+        self.deliver(conns, message)
 
     # -- fan-out ------------------------------------------------------------------------------------
 
@@ -182,5 +187,7 @@ class Hub:
         self.outbox.flush()
         for conn in list(self.connections):
             conn.cut(code, reason)
-        for channel in list(self._pumps):
+        for channel in list(self._subs):
             self._release(channel)
+        if self._ops:
+            await asyncio.wait(list(self._ops.values()), timeout=2)

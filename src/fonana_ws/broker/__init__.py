@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractAsyncContextManager
-from typing import Any
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 from broadcaster import Broadcast
@@ -35,18 +34,47 @@ def create_backend(url: str) -> BroadcastBackend:
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {scheme!r}")
 
 
+class FanoutBroadcast(Broadcast):
+    """broadcaster's ``Broadcast``, handing every message to one callback instead of a queue per subscriber.
+
+    ``Broadcast.subscribe`` makes an ``asyncio.Queue`` per subscriber, which someone must drain with a task:
+    ~5 KB and a task switch per broker channel, and the hub holds one per channel key and per connected
+    user. The hub already knows who wants what; it only needs each message once, in order.
+    """
+
+    def __init__(self, backend: BroadcastBackend, on_message: Callable[[str, str], None]) -> None:
+        super().__init__(backend=backend)
+        self.on_message = on_message
+
+    async def _listener(self) -> None:
+        while True:
+            event = await self._backend.next_published()
+            try:
+                self.on_message(event.channel, event.message)
+            except Exception:  # one bad message must not end delivery for everyone
+                log.exception("delivery of a message on %s failed", event.channel)
+
+
+def _drop(channel: str, message: str) -> None:
+    """Until someone listens, messages have nowhere to go."""
+
+
 class Broker:
-    """One process's link to the broker; the hub makes one subscription per broker channel."""
+    """One process's link to the broker: publish, and (un)subscribe broker channels for the hub."""
 
     def __init__(self, url: str, backend: BroadcastBackend | None = None) -> None:
         self.url = url
         self.backend = backend or create_backend(url)
-        self.broadcast = Broadcast(backend=self.backend)
+        self.broadcast = FanoutBroadcast(self.backend, _drop)
         self.kind = urlparse(url).scheme.split("+")[0]
 
     @property
     def is_up(self) -> bool:
         return backend_is_up(self.backend)
+
+    def listen(self, on_message: Callable[[str, str], None]) -> None:
+        """Where every message of every subscribed channel goes: ``on_message(channel, message)``."""
+        self.broadcast.on_message = on_message
 
     async def connect(self) -> None:
         await self.broadcast.connect()
@@ -63,5 +91,8 @@ class Broker:
             raise BrokerUnavailable("broker is down")
         await self.broadcast.publish(channel, message)
 
-    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Any]:
-        return self.broadcast.subscribe(channel)
+    async def subscribe(self, channel: str) -> None:
+        await self.backend.subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        await self.backend.unsubscribe(channel)
