@@ -165,3 +165,20 @@ async def test_slow_consumer_is_cut_and_others_keep_receiving(tmp_path, deflate:
                 break
             await asyncio.sleep(0.05)
         assert all(c.user_id != slow_user for c in srv.services.hub.connections)
+
+
+async def test_connection_that_stops_answering_pings_is_dropped(tmp_path) -> None:
+    settings = make_settings(tmp_path, None, WS_PING_INTERVAL="0.5")
+    async with running(settings) as srv:
+        user = await srv.user()
+        alive = await srv.connect(user)
+        dead = await srv.connect(user)
+        dead.ws.transport.pause_reading()  # a vanished peer: our pings go unanswered
+        hub = srv.services.hub
+        for _ in range(60):
+            if len(hub.by_user.get(user, ())) == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert len(hub.by_user[user]) == 1  # the silent one is gone, the answering one stays
+        await alive.send({"type": "ping"})
+        assert await alive.recv() == {"type": "pong"}
