@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from broadcaster._backends.base import BroadcastBackend
+
+logger = logging.getLogger("fonana_ws.broker")
+
+#: First retry delay after the broker went away; it doubles up to the backend's ``max_backoff``.
+MIN_BACKOFF = 0.1
 
 
 class BrokerUnavailable(Exception):
@@ -82,3 +89,51 @@ class KeyedLocks:
             entry.users -= 1
             if entry.users == 0:
                 del self._entries[key]
+
+
+class Supervised:
+    """The reconnect loop and the up/down bookkeeping that both of our backends share.
+
+    A subclass sets ``safe_url``, ``_max_backoff``, ``_up`` (an ``asyncio.Event``), ``_down_since`` (None)
+    and ``_session_was_up``, and implements ``_session()``: one connection's life, returning or raising
+    when the connection is lost.
+    """
+
+    safe_url: str
+    _max_backoff: float
+    _up: asyncio.Event
+    _down_since: float | None
+    _session_was_up: bool
+
+    async def _session(self) -> None:
+        raise NotImplementedError
+
+    def _mark_down(self, reason: BaseException | str) -> None:
+        self._up.clear()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            logger.warning("broker down: %s (%s)", describe(reason), self.safe_url)
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            elapsed = time.monotonic() - self._down_since
+            logger.info("broker up again after %.1f s (%s)", elapsed, self.safe_url)
+        else:
+            logger.info("broker connected (%s)", self.safe_url)
+        self._down_since = None
+        self._up.set()
+
+    async def _run(self) -> None:
+        """Keep a session going forever, with capped exponential backoff between attempts."""
+        delay = MIN_BACKOFF
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._mark_down(exc)
+            if self._session_was_up:
+                delay = MIN_BACKOFF  # a fresh outage: retry soon
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff)

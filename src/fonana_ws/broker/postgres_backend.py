@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,13 +21,21 @@ import asyncpg
 from broadcaster import Event
 from broadcaster._backends.base import BroadcastBackend
 
-from fonana_ws.broker.base import BrokerUnavailable, KeyedLocks, PayloadTooLarge, describe, mask_url, within
+from fonana_ws.broker.base import (
+    MIN_BACKOFF,
+    BrokerUnavailable,
+    KeyedLocks,
+    PayloadTooLarge,
+    Supervised,
+    describe,
+    mask_url,
+    within,
+)
 
 logger = logging.getLogger("fonana_ws.broker")
 
 T = TypeVar("T")
 
-_MIN_BACKOFF = 0.1
 # NOTIFY rejects payloads of 8000 bytes or more; keep a margin under it.
 _NOTIFY_MAX = 7900
 # First character of every NOTIFY payload we send: the message itself follows, or a row id.
@@ -81,7 +88,7 @@ def is_down_error(exc: BaseException) -> bool:
     )
 
 
-class PostgresBackend(BroadcastBackend):
+class PostgresBackend(Supervised, BroadcastBackend):
     """broadcaster backend on PostgreSQL LISTEN/NOTIFY with reconnects and a health flag (``is_up``).
 
     ``connect()`` does not fail when PostgreSQL is down: it waits up to ``op_timeout`` for the first
@@ -225,7 +232,7 @@ class PostgresBackend(BroadcastBackend):
                 if not is_down_error(exc):
                     logger.error("dropping stored message %d: %s", row_id, describe(exc))
                     return None
-                await asyncio.sleep(_MIN_BACKOFF)
+                await asyncio.sleep(MIN_BACKOFF)
                 continue
             if message is None:
                 logger.warning("dropping stored message %d: its row is gone", row_id)
@@ -277,36 +284,6 @@ class PostgresBackend(BroadcastBackend):
         self._mark_down(reason)
         self._lost_reason = reason
         self._lost.set()
-
-    def _mark_down(self, reason: BaseException | str) -> None:
-        self._up.clear()
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            logger.warning("broker down: %s (%s)", describe(reason), self.safe_url)
-
-    def _mark_up(self) -> None:
-        if self._down_since is not None:
-            elapsed = time.monotonic() - self._down_since
-            logger.info("broker up again after %.1f s (%s)", elapsed, self.safe_url)
-        else:
-            logger.info("broker connected (%s)", self.safe_url)
-        self._down_since = None
-        self._up.set()
-
-    async def _run(self) -> None:
-        """Keep a session going forever, with capped exponential backoff between attempts."""
-        delay = _MIN_BACKOFF
-        while True:
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._mark_down(exc)
-            if self._session_was_up:
-                delay = _MIN_BACKOFF  # a fresh outage: retry soon
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_backoff)
 
     async def _session(self) -> None:
         """One connection's life: connect, LISTEN again, watch until the connection fails."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,13 +22,20 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from fonana_ws.broker.base import BrokerUnavailable, KeyedLocks, PayloadTooLarge, describe, mask_url, within
+from fonana_ws.broker.base import (
+    BrokerUnavailable,
+    KeyedLocks,
+    PayloadTooLarge,
+    Supervised,
+    describe,
+    mask_url,
+    within,
+)
 
 logger = logging.getLogger("fonana_ws.broker")
 
 # Errors that mean "Redis is unreachable right now", as opposed to a bug or a bad argument.
 _DOWN_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, TimeoutError)
-_MIN_BACKOFF = 0.1
 _PING = "fonana-ws-health"  # idle PINGs: their replies prove the connection is alive
 
 
@@ -38,7 +44,7 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-class RedisBackend(BroadcastBackend):
+class RedisBackend(Supervised, BroadcastBackend):
     """broadcaster backend on Redis PUBLISH/SUBSCRIBE with reconnects and a health flag (``is_up``).
 
     ``connect()`` does not fail when Redis is down: it waits up to ``op_timeout`` for the first
@@ -197,36 +203,6 @@ class RedisBackend(BroadcastBackend):
         """Mark the broker down now and make the reader end this session."""
         self._mark_down(reason)
         self._kicked = reason
-
-    def _mark_down(self, reason: BaseException | str) -> None:
-        self._up.clear()
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            logger.warning("broker down: %s (%s)", describe(reason), self.safe_url)
-
-    def _mark_up(self) -> None:
-        if self._down_since is not None:
-            elapsed = time.monotonic() - self._down_since
-            logger.info("broker up again after %.1f s (%s)", elapsed, self.safe_url)
-        else:
-            logger.info("broker connected (%s)", self.safe_url)
-        self._down_since = None
-        self._up.set()
-
-    async def _run(self) -> None:
-        """Keep a session going forever, with capped exponential backoff between attempts."""
-        delay = _MIN_BACKOFF
-        while True:
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._mark_down(exc)
-            if self._session_was_up:
-                delay = _MIN_BACKOFF  # a fresh outage: retry soon
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_backoff)
 
     async def _session(self) -> None:
         """One connection's life: connect, re-subscribe, read until the connection fails."""
