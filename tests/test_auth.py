@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 
 import jwt
 import orjson
@@ -11,8 +12,9 @@ import pytest
 import websockets
 
 from fonana_ws.auth import AuthError, verify_token
+from fonana_ws.db import demo
 
-from .conftest import SECRET, Server
+from .conftest import SECRET, Server, make_settings, running
 
 
 async def refused(server: Server, url_suffix: str = "", **kwargs: object) -> tuple[int, str]:
@@ -133,3 +135,36 @@ def test_other_algorithms_are_refused() -> None:
     token = jwt.encode({"userId": "u", "exp": time.time() + 60}, SECRET, "HS512")
     with pytest.raises(AuthError, match="algorithm"):
         verify_token(token, SECRET)
+
+
+async def test_a_new_user_connects_at_once_and_a_known_one_is_remembered(server: Server) -> None:
+    user_id = f"late-{uuid.uuid4().hex[:8]}"
+    code, reason = await refused(server, f"?token={server.token(user_id)}")
+    assert code == 1008 and reason == "Unauthorized: unknown user"
+    await demo.insert_user(server.db, user_id)  # the web app creates the user: no negative caching
+    client = await server.connect(user_id)
+    await client.close()
+    queries = []
+    real = server.services.store.q.fetch_val
+
+    async def counting(query: str, values: dict | None = None) -> object:
+        queries.append(query)
+        return await real(query, values)
+
+    server.services.store.q.fetch_val = counting  # type: ignore[method-assign]
+    try:
+        client = await server.connect(user_id)
+        await client.close()
+    finally:
+        del server.services.store.q.fetch_val
+    assert not any("FROM users" in q for q in queries)  # remembered for WS_USER_CACHE_TTL
+
+
+async def test_without_the_user_cache_every_connect_asks(tmp_path) -> None:
+    async with running(make_settings(tmp_path, None, WS_USER_CACHE_TTL="0")) as srv:
+        user_id = await srv.user()
+        client = await srv.connect(user_id)
+        await client.close()
+        await srv.db.execute("DELETE FROM users WHERE id = :id", {"id": user_id})
+        code, reason = await refused(srv, f"?token={srv.token(user_id)}")
+        assert code == 1008 and reason == "Unauthorized: unknown user"

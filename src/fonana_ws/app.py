@@ -30,7 +30,7 @@ def build_services(settings: Settings) -> Services:
     broker = Broker(settings.broadcast_url)
     return Services(
         settings=settings,
-        store=Store(settings.database_url),
+        store=Store(settings.database_url, user_cache_ttl=settings.user_cache_ttl),
         broker=broker,
         hub=Hub(broker, stats),
         publisher=Publisher(broker, stats),

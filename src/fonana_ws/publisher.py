@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,8 +64,14 @@ class Publisher:
         event_id = event_id or env.new_event_id()
         multi = len(targets) > 1
         try:
-            for broker_channel, where in targets:
-                await self.broker.publish(broker_channel, env.encode(event, event_id, multi=multi, **where))
+            # One round trip for all targets rather than one after another (post_created fans out to every
+            # paying subscriber's feed); each connection still gets the event once (shared id, "multi").
+            await asyncio.gather(
+                *(
+                    self.broker.publish(broker_channel, env.encode(event, event_id, multi=multi, **where))
+                    for broker_channel, where in targets
+                )
+            )
         except Exception:
             self.stats.publish_failures += 1
             raise

@@ -7,6 +7,7 @@ in ``TIMESTAMP(3)`` columns.
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,9 +86,13 @@ def notification_row(row: Any) -> dict[str, Any]:
 class Store:
     """The server's view of the web app's database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, user_cache_ttl: float = 60.0, user_cache_size: int = 100_000) -> None:
         self.url = url
         self.db = databases.Database(url)
+        self._user_ttl = user_cache_ttl
+        self._user_cache_size = user_cache_size
+        #: user id -> monotonic time until which it is known to exist (positive answers only).
+        self._known_users: dict[str, float] = {}
         #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
         self.q: Queries = self.db
 
@@ -118,7 +123,23 @@ class Store:
         await self.q.fetch_val("SELECT 1")
 
     async def user_exists(self, user_id: str) -> bool:
-        return await self.q.fetch_val("SELECT 1 FROM users WHERE id = :id", {"id": user_id}) is not None
+        """Is there such a user? Every connect asks, so a yes is remembered for ``user_cache_ttl`` seconds.
+
+        Reconnect storms and many tabs ask about the same users again and again; the lookup is the
+        costliest part of a connect (~200 µs through ``databases``, and on SQLite a worker thread
+        competing for the GIL). A no is never remembered: a user the web app just created connects at once.
+        """
+        now = time.monotonic()
+        if self._known_users.get(user_id, 0.0) > now:
+            return True
+        found = await self.q.fetch_val("SELECT 1 FROM users WHERE id = :id", {"id": user_id}) is not None
+        if found and self._user_ttl > 0:
+            if len(self._known_users) >= self._user_cache_size:
+                self._known_users = {u: t for u, t in self._known_users.items() if t > now}
+                if len(self._known_users) >= self._user_cache_size:
+                    self._known_users.clear()
+            self._known_users[user_id] = now + self._user_ttl
+        return found
 
     async def get_post(self, post_id: str) -> dict[str, Any] | None:
         row = await self.q.fetch_one(
