@@ -1,0 +1,428 @@
+"""End to end with a real browser: headless Chromium, driven over the Chrome DevTools Protocol.
+
+The page's own ``WebSocket`` talks to the in-process server (``server`` fixture: SQLite and PostgreSQL),
+exactly as Fonana's browser client does: token in the query string, ``subscribe`` sent from ``onopen``
+before ``connected`` arrives, refusals read from ``CloseEvent.code`` / ``CloseEvent.reason``.
+
+Chromium is Debian's package (``/usr/bin/chromium``), installed with apt-get when missing and allowed
+(root); without it these tests skip with the reason, or fail under FONANA_WS_REQUIRE_SERVICES=1. One
+browser serves the whole module; every page is a fresh tab on the server's own loopback origin. Nothing
+listens beyond 127.0.0.1, and the browser and its profile directory are removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import websockets
+
+from fonana_ws.auth import create_token
+
+from .conftest import Server, need_service
+
+# The first test's setup may install Chromium (apt-get install, else apt-get update and install again).
+pytestmark = pytest.mark.timeout(720)
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+)
+JS_TIMEOUT = 10.0  # seconds for anything the page must see
+
+
+def js(value: Any) -> str:
+    """A Python value as a JavaScript literal."""
+    return orjson.dumps(value).decode()
+
+
+# -- Chromium -----------------------------------------------------------------------------------------------
+
+
+def chromium_binary() -> str:
+    """Debian's Chromium, installed with apt-get when missing and we are root."""
+    found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        need_service("Chromium", "not installed, and apt-get is not available to root here")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    try:
+        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=240)
+        if result.returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=120)
+            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        need_service("Chromium", f"apt-get took too long: {exc}")
+    if result.returncode != 0 or not Path("/usr/bin/chromium").exists():
+        need_service("Chromium", f"apt-get install chromium failed: {result.stderr.strip()[-300:]}")
+    return "/usr/bin/chromium"
+
+
+class CDP:
+    """One DevTools WebSocket: numbered commands, replies matched by id, flat sessions for pages."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.next_id = 0
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                message = orjson.loads(raw)
+                future = self.pending.pop(message.get("id", -1), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(ConnectionError("the DevTools connection closed"))
+            self.pending.clear()
+
+    async def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        session: str | None = None,
+        timeout: float = 10,
+    ) -> dict[str, Any]:
+        self.next_id += 1
+        command: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
+        if session is not None:
+            command["sessionId"] = session
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[self.next_id] = future
+        try:
+            await self.ws.send(orjson.dumps(command).decode())
+            reply = await asyncio.wait_for(future, timeout)
+        finally:
+            self.pending.pop(command["id"], None)
+        assert "error" not in reply, f"{method}: {reply['error']}"
+        return reply["result"]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await asyncio.wait_for(self.reader, 5)
+
+
+class Page:
+    """A tab, attached through a flat session on the browser's DevTools connection."""
+
+    def __init__(self, cdp: CDP, target_id: str, session: str) -> None:
+        self.cdp = cdp
+        self.target_id = target_id
+        self.session = session
+
+    async def eval(self, expression: str, timeout: float = JS_TIMEOUT + 5) -> Any:
+        """Run JavaScript in the page, await its promise, and return the value (JSON-serialisable)."""
+        result = await self.cdp.send(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            self.session,
+            timeout,
+        )
+        details = result.get("exceptionDetails")
+        assert details is None, f"JavaScript failed: {details.get('exception', details)}"
+        return result["result"].get("value")
+
+    async def close(self) -> None:
+        await self.cdp.send("Target.closeTarget", {"targetId": self.target_id})
+
+
+class Browser:
+    def __init__(self, cdp: CDP, version: str) -> None:
+        self.cdp = cdp
+        self.version = version
+
+    async def new_page(self, url: str) -> Page:
+        """A new tab showing ``url``, once its document has loaded."""
+        target_id = (await self.cdp.send("Target.createTarget", {"url": url}))["targetId"]
+        attached = await self.cdp.send("Target.attachToTarget", {"targetId": target_id, "flatten": True})
+        page = Page(self.cdp, target_id, attached["sessionId"])
+        deadline = time.monotonic() + JS_TIMEOUT
+        while True:
+            try:
+                state = await page.eval("[location.href, document.readyState]", timeout=2)
+                if state == [url, "complete"]:
+                    break
+            except (AssertionError, TimeoutError):
+                state = "navigating"  # the context is replaced while the page loads
+            assert time.monotonic() < deadline, f"{url} did not load in the tab: {state}"
+            await asyncio.sleep(0.05)
+        await page.eval(SOCKET_HELPERS)
+        return page
+
+
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def devtools_url(proc: asyncio.subprocess.Process, log: Path, timeout: float = 30) -> str:
+    """The browser's DevTools WebSocket URL, from the line Chromium prints on stderr."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read_log(log)
+        if match := re.search(r"DevTools listening on (ws://\S+)", text):
+            return match.group(1)
+        assert proc.returncode is None, f"chromium exited with {proc.returncode}:\n{text[-2000:]}"
+        assert time.monotonic() < deadline, f"no DevTools URL from chromium in {timeout} s:\n{text[-2000:]}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One headless Chromium for the module, its DevTools endpoint on loopback; killed and removed after."""
+    binary = await asyncio.to_thread(chromium_binary)
+    home = Path(tempfile.mkdtemp(prefix="fonana-ws-chromium-"))
+    log = home / "chromium.log"
+    proc: asyncio.subprocess.Process | None = None
+    cdp: CDP | None = None
+    try:
+        with open(log, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={home / 'profile'}",
+                "about:blank",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,  # its own process group: the zygote and renderers die with it
+            )
+        url = await devtools_url(proc, log)
+        assert url.startswith("ws://127.0.0.1:"), f"DevTools must listen on loopback only: {url}"
+        ws = await asyncio.wait_for(websockets.connect(url, max_size=None, close_timeout=2), 10)
+        cdp = CDP(ws)
+        version = (await cdp.send("Browser.getVersion"))["product"]
+        yield Browser(cdp, version)
+    finally:
+        if cdp is not None:
+            try:
+                await cdp.send("Browser.close", timeout=5)
+            except Exception:
+                pass  # it may close the connection before it answers
+            try:
+                await cdp.close()
+            except Exception:
+                pass
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group we started: leftover helpers too
+            except ProcessLookupError:
+                pass
+            if proc.returncode is None:
+                await asyncio.wait_for(proc.wait(), 10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+async def tabs(browser: Browser, server: Server) -> AsyncIterator[Callable[[], Any]]:
+    """``await tabs()``: a new tab on the server's own origin (as nginx serves app and /ws together)."""
+    opened: list[Page] = []
+
+    async def open_tab() -> Page:
+        page = await browser.new_page(f"http://127.0.0.1:{server.port}/health")
+        opened.append(page)
+        return page
+
+    yield open_tab
+    for page in opened:
+        try:
+            await page.close()
+        except (AssertionError, ConnectionError, TimeoutError):
+            pass  # the test closed it already, or the browser is gone
+
+
+# -- What the page runs -------------------------------------------------------------------------------------
+
+# fwsOpen(name, url, frames): a WebSocket like the Fonana client's, sending `frames` from onopen; its state
+# (every message parsed, the close event) is kept in window.fws[name] for the test to read.
+SOCKET_HELPERS = """
+window.fws = {};
+window.fwsSockets = {};
+window.fwsOpen = (name, url, frames) => {
+  const state = {opened: false, messages: [], closed: null, errored: false};
+  window.fws[name] = state;
+  const ws = new WebSocket(url);
+  window.fwsSockets[name] = ws;
+  ws.onopen = () => {
+    state.opened = true;
+    for (const frame of frames) ws.send(JSON.stringify(frame));
+  };
+  ws.onmessage = (event) => state.messages.push(JSON.parse(event.data));
+  ws.onerror = () => { state.errored = true; };
+  ws.onclose = (event) => {
+    state.closed = {code: event.code, reason: event.reason, wasClean: event.wasClean};
+  };
+  return true;
+};
+true
+"""
+
+
+def socket_url(server: Server, token: str) -> str:
+    """JavaScript that builds the client's URL, the token URL-encoded as the client does."""
+    return f"{js(server.ws_url + '?token=')} + encodeURIComponent({js(token)})"
+
+
+async def open_socket(page: Page, server: Server, name: str, token: str, frames: list[Any]) -> None:
+    assert await page.eval(f"fwsOpen({js(name)}, {socket_url(server, token)}, {js(frames)})") is True
+
+
+async def socket_state(page: Page, name: str) -> dict[str, Any]:
+    return await page.eval(f"window.fws[{js(name)}]")
+
+
+async def wait_messages(page: Page, name: str, count: int) -> list[dict[str, Any]]:
+    """Poll the page until the socket ``name`` has received at least ``count`` messages."""
+    deadline = time.monotonic() + JS_TIMEOUT
+    while True:
+        state = await socket_state(page, name)
+        if len(state["messages"]) >= count:
+            return state["messages"]
+        assert state["closed"] is None, f"{name} closed after {state['messages']}: {state['closed']}"
+        assert time.monotonic() < deadline, f"{name} received {state['messages']}, expected {count} messages"
+        await asyncio.sleep(0.05)
+
+
+def connected(user_id: str) -> dict[str, Any]:
+    return {
+        "type": "connected",
+        "data": {"userId": user_id, "message": "Successfully connected to WebSocket server"},
+    }
+
+
+async def publish(server: Server, body: dict[str, Any]) -> None:
+    response = await server.publish(body)
+    assert response.status_code == 202, response.text
+
+
+# -- Tests --------------------------------------------------------------------------------------------------
+
+
+async def test_browser_subscribes_on_open_and_receives_a_post_event(server: Server, tabs: Any) -> None:
+    """The client's real flow: subscribe from onopen (before `connected`), then a published event arrives."""
+    creator = await server.user("creator", creator=True)
+    fan = await server.user("fan")
+    post = await server.post(creator)
+    page = await tabs()
+    channel = {"type": "post", "postId": post}
+    await open_socket(page, server, "live", server.token(fan), [{"type": "subscribe", "channel": channel}])
+
+    assert await wait_messages(page, "live", 2) == [
+        connected(fan),
+        {"type": "subscribed", "data": {"channel": channel, "channelKey": f"post_{post}"}},
+    ]
+    event = {"type": "post_liked", "postId": post, "userId": creator, "likesCount": 7}
+    await publish(server, {"channel": f"post_{post}", "event": event})
+
+    messages = await wait_messages(page, "live", 3)
+    assert messages[2] == event
+    await asyncio.sleep(0.3)
+    state = await socket_state(page, "live")
+    assert len(state["messages"]) == 3, f"delivered more than once: {state['messages']}"
+    assert state["opened"] and state["closed"] is None and not state["errored"], state
+
+
+async def test_browser_sees_refusals_as_1008_with_distinct_reasons(server: Server, tabs: Any) -> None:
+    """Forged and expired tokens: accepted, then closed 1008 `Unauthorized...`, each naming its cause."""
+    user = await server.user("refused")
+    post = await server.post(await server.user("creator", creator=True))
+    forged = create_token("not-the-server-secret-" + "z" * 32, user, 600)
+    expired = server.token(user, expires=-3600)
+    page = await tabs()
+    frame = {"type": "subscribe", "channel": {"type": "post", "postId": post}}
+    results = await page.eval(
+        f"""
+        (() => {{
+          const attempt = (url) => new Promise((resolve) => {{
+            const seen = {{opened: false, messages: []}};
+            const ws = new WebSocket(url);
+            ws.onopen = () => {{ seen.opened = true; ws.send(JSON.stringify({js(frame)})); }};
+            ws.onmessage = (event) => seen.messages.push(event.data);
+            ws.onclose = (event) => resolve({{...seen, code: event.code, reason: event.reason}});
+            setTimeout(() => {{
+              resolve({{...seen, code: null, reason: "no close event in {int(JS_TIMEOUT)} s"}});
+              ws.close();
+            }}, {int(JS_TIMEOUT * 1000)});
+          }});
+          return Promise.all([attempt({socket_url(server, forged)}), attempt({socket_url(server, expired)})]);
+        }})()
+        """
+    )
+    forged_close, expired_close = results
+    for close in results:
+        assert close["opened"], f"the browser must see accept-then-close, not a failed handshake: {results}"
+        assert close["code"] == 1008, results
+        assert close["reason"].startswith("Unauthorized"), results
+        assert close["messages"] == [], f"a refused socket received frames: {results}"
+    assert forged_close["reason"] != expired_close["reason"], results
+    assert "expired" in expired_close["reason"].lower(), results
+    assert "expired" not in forged_close["reason"].lower(), results
+
+
+async def test_two_tabs_of_one_user_both_receive_a_notification(server: Server, tabs: Any) -> None:
+    """Every tab of the user gets a user-directed event; another user's tab does not; closing one tab
+    leaves the other receiving."""
+    user = await server.user("tabs")
+    other = await server.user("other")
+    first, second = await tabs(), await tabs()
+    await open_socket(first, server, "mine", server.token(user), [])
+    await open_socket(second, server, "mine", server.token(user), [])
+    await open_socket(second, server, "theirs", server.token(other), [])
+    for page, name, owner in ((first, "mine", user), (second, "mine", user), (second, "theirs", other)):
+        assert await wait_messages(page, name, 1) == [connected(owner)]
+
+    def notification(n: int) -> dict[str, Any]:
+        return {
+            "type": "notification",
+            "userId": user,
+            "notification": {
+                "id": f"n-{n}-{user}",
+                "userId": user,
+                "type": "SYSTEM_ANNOUNCEMENT",
+                "title": f"Hello {n}",
+                "message": "From the browser test",
+                "isRead": False,
+                "metadata": None,
+                "createdAt": "2025-01-01T00:00:00.000Z",
+            },
+        }
+
+    await publish(server, {"user": user, "event": notification(1)})
+    assert (await wait_messages(first, "mine", 2))[1] == notification(1)
+    assert (await wait_messages(second, "mine", 2))[1] == notification(1)
+
+    await first.close()  # the tab goes away with its socket; the other tab must not notice
+    await publish(server, {"user": user, "event": notification(2)})
+    assert await wait_messages(second, "mine", 3) == [connected(user), notification(1), notification(2)]
+    await asyncio.sleep(0.3)
+    assert (await socket_state(second, "theirs"))["messages"] == [connected(other)]
+    assert len((await socket_state(second, "mine"))["messages"]) == 3
