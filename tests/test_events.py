@@ -429,17 +429,21 @@ async def test_generic_publish_for_events_without_a_function(server: Server) -> 
     ev = events(server)
 
     earnings = {"type": "earnings_updated", "amount": 5}
-    sent = await ev.publish(earnings, user=user)
-    assert sent.users == [user] and sent.id
+    sent = await ev.publish(user, earnings)  # a user id
+    assert sent.users == [user] and sent.channels == [] and sent.id
     assert await following.recv() == earnings
+    update = {"type": "post_updated", "creatorId": creator}
+    sent = await ev.publish(f"creator_{creator}", update)  # a channel key
+    assert sent.channels == [f"creator_{creator}"] and sent.users == []
+    assert await following.recv() == update
     sale = {"type": "flash_sale_created", "creatorId": creator}
-    await ev.publish(sale, channel=f"creator_{creator}", user=user)  # two routes, one delivery
+    await ev.publish_to(sale, channel=f"creator_{creator}", user=user)  # two routes, one delivery
     assert await following.recv() == sale
     await silent(following, stranger)
     with pytest.raises(PublishError, match="channel or a user"):
-        await ev.publish({"type": "x"})
+        await ev.publish_to({"type": "x"})
     with pytest.raises(PublishError, match="channel"):
-        await ev.publish({"type": "x"}, channel="bogus")
+        await ev.publish_to({"type": "x"}, channel="bogus")
 
 
 async def test_input_is_checked_before_anything_is_written(server: Server) -> None:

@@ -136,7 +136,7 @@ def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         async with connect_events(settings) as events:
             if name is None:
-                emission = await events.publish(
+                emission = await events.publish_to(
                     body["event"], channel=body.get("channel"), user=body.get("user")
                 )
             else:

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from .broker import Broker
-from .channels import MAX_ID_LENGTH
+from .channels import MAX_ID_LENGTH, ChannelError, parse_key
 from .config import Settings, load_settings
 from .db import Store
 from .db import notifications as sql
@@ -402,10 +402,22 @@ class Events:
     async def update_user_feed(self, user_id: str, posts: list[Any]) -> Emission:
         return await self.emit(await prepare_feed_update(self.store, user_id, posts))
 
-    async def publish(
+    async def publish(self, target: str, event: dict[str, Any]) -> Emission:
+        """Any event (``earnings_updated``, ``post_updated``, ...) to a channel key or a user.
+
+        ``target`` is a channel key when it is one (``notifications_U``, ``feed_U``, ``creator_C``,
+        ``post_P``), else a user id. ``publish_to`` says which explicitly, and takes both at once.
+        """
+        try:
+            parse_key(target)
+        except ChannelError:
+            return await self.publish_to(event, user=target)
+        return await self.publish_to(event, channel=target)
+
+    async def publish_to(
         self, event: dict[str, Any], *, channel: str | None = None, user: str | None = None
     ) -> Emission:
-        """Any event (``earnings_updated``, ``post_updated``, ...) to a channel key and/or a user."""
+        """Any event to a channel key and/or a user; a connection reached both ways receives it once."""
         emission = Emission(
             event, channels=[channel] if channel is not None else [], users=[user] if user is not None else []
         )
