@@ -10,7 +10,7 @@ import websockets
 from fonana_ws.db import demo
 from fonana_ws.db.store import utcnow
 
-from .conftest import Server
+from .conftest import Server, make_settings, running
 
 
 async def add_notification(
@@ -186,3 +186,26 @@ async def test_oversized_frame_closes_with_1009(server: Server) -> None:
         raise AssertionError("still open")
     except websockets.ConnectionClosed as exc:
         assert exc.rcvd is not None and exc.rcvd.code == 1009
+
+
+async def test_subscriptions_per_connection_are_capped(tmp_path) -> None:
+    async with running(make_settings(tmp_path, None, WS_MAX_SUBSCRIPTIONS="3")) as srv:
+        client = await srv.connect(await srv.user())
+        for i in range(3):
+            assert (await client.subscribe({"type": "creator", "id": f"cap{i}"}))["type"] == "subscribed"
+        assert (await client.subscribe({"type": "creator", "id": "cap0"}))[
+            "type"
+        ] == "subscribed"  # again: ok
+        over = {"type": "creator", "id": "cap3"}
+        assert await client.subscribe(over) == {
+            "type": "error",
+            "data": {
+                "message": "Failed to subscribe",
+                "channel": over,
+                "reason": "subscription limit (3) reached",
+            },
+        }
+        assert "creator_cap3" not in srv.services.hub.by_key
+        await client.send({"type": "unsubscribe", "channel": {"type": "creator", "id": "cap1"}})
+        await client.recv_type("unsubscribed")
+        assert (await client.subscribe(over))["type"] == "subscribed"  # room again

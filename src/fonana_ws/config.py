@@ -45,6 +45,8 @@ class Settings:
     log_level: str = "info"
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     shutdown_timeout: float = 8.0
+    #: Channels one connection may be subscribed to at once.
+    max_subscriptions: int = 200
     #: Seconds a user found in the database is remembered for later connects (0: ask every time).
     user_cache_ttl: float = 60.0
     #: A second listener for /metrics and /stats only (the old server's METRICS_PORT); None: main port only.
@@ -217,6 +219,7 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         if proxies
         else ("127.0.0.1", "::1"),
         shutdown_timeout=_float("WS_SHUTDOWN_TIMEOUT", get("WS_SHUTDOWN_TIMEOUT"), 8.0, 0.0),
+        max_subscriptions=_int("WS_MAX_SUBSCRIPTIONS", get("WS_MAX_SUBSCRIPTIONS"), 200, 1, 100_000),
         user_cache_ttl=_float("WS_USER_CACHE_TTL", get("WS_USER_CACHE_TTL"), 60.0, 0.0),
         metrics_port=_int("METRICS_PORT", metrics_port, 0, 1, 65535) if metrics_port else None,
         metrics_host=get("METRICS_HOST") or "127.0.0.1",

@@ -139,6 +139,16 @@ class FonanaEndpoint(WebSocketEndpoint):
 
     async def _subscribe(self, conn: Connection, channel: Any, key: str) -> None:
         services = self.services
+        limit = services.settings.max_subscriptions
+        if key not in conn.keys and len(conn.keys) >= limit:
+            # Any user may join any creator_C: without a cap one socket could make the process hold
+            # (and the broker carry) an unbounded number of subscriptions.
+            conn.send_text(
+                protocol.error(
+                    protocol.SUBSCRIBE_FAILED, channel, reason=f"subscription limit ({limit}) reached"
+                )
+            )
+            return
         try:
             allowed = await may_subscribe(services.store, conn.user_id, key)
         except Exception as exc:
