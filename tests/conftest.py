@@ -263,15 +263,37 @@ class running:
         await asyncio.wait_for(self.task, 15)
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any of the server's settings, so that only ``extra`` configures it."""
+    prefixes = (
+        "WS_",
+        "JWT_",
+        "NEXTAUTH_",
+        "DATABASE_",
+        "BROADCAST_",
+        "REDIS_",
+        "LOG_",
+        "FONANA_WS_",
+        "METRICS_",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k != "TRUSTED_PROXIES"}
+    env.update(extra)
+    return env
+
+
 class ServerProcess:
     """``async with ServerProcess(env, cwd) as proc``: ``fonana-ws serve`` as a real process.
 
-    Its log goes to a file (``proc.log_path``) so that tests can read it after the fact.
+    Its log goes to a file (``proc.log_path``) so that tests can read it after the fact. ``inherit=False``
+    starts it from a clean environment (``clean_env``): only ``env`` configures it.
     """
 
-    def __init__(self, env: dict[str, str], cwd: Path, port: int | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], cwd: Path, port: int | None = None, *, inherit: bool = True
+    ) -> None:
         self.port = port or free_port()
-        self.env = {**os.environ, **env, "WS_PORT": str(self.port)}
+        base = os.environ if inherit else clean_env()
+        self.env = {**base, **env, "WS_PORT": str(self.port)}
         self.cwd = cwd
         self.log_path = cwd / f"server-{self.port}.log"
         self.proc: Any = None

@@ -31,18 +31,11 @@ import websockets
 
 from fonana_ws.auth import create_token
 
-from .conftest import API_KEY, SECRET, free_port, need_service
+from .conftest import API_KEY, SECRET, ServerProcess, clean_env, free_port, need_service
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("FONANA_WS_TEST_CACHE", Path.home() / ".cache" / "fonana-ws-tests"))
 PM2_VERSION = "7"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    prefixes = ("WS_", "JWT_", "NEXTAUTH_", "DATABASE_", "BROADCAST_", "REDIS_", "LOG_", "FONANA_WS_", "PM2_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k != "TRUSTED_PROXIES"}
-    env.update(extra)
-    return env
 
 
 def read(path: Path) -> str:
@@ -279,36 +272,9 @@ def site_config(
 
 @asynccontextmanager
 async def server_process(tmp: Path, **env: str) -> AsyncIterator[tuple[int, Path]]:
-    port = free_port()
-    log = tmp / "server.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [str(fonana_ws_bin()), "serve"],
-            cwd=tmp,
-            env=clean_env(
-                JWT_SECRET=SECRET,
-                WS_API_KEY=API_KEY,
-                WS_PORT=str(port),
-                FONANA_WS_DATA_DIR=str(tmp / "data"),
-                **env,
-            ),
-            stdout=sink,
-            stderr=sink,
-        )
-
-    def alive() -> None:
-        assert proc.poll() is None, f"server exited:\n{read(log)}"
-
-    try:
-        await wait_healthy(f"http://127.0.0.1:{port}/health", alive=alive)
-        yield port, log
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
-        except TimeoutError:
-            proc.kill()
-            proc.wait()
+    settings = {"JWT_SECRET": SECRET, "WS_API_KEY": API_KEY, "FONANA_WS_DATA_DIR": str(tmp / "data"), **env}
+    async with ServerProcess(settings, tmp, inherit=False) as proc:
+        yield proc.port, proc.log_path
 
 
 @asynccontextmanager

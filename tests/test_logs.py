@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -23,48 +21,18 @@ from fonana_ws.auth import create_token
 from fonana_ws.config import normalize_database_url
 from fonana_ws.db import Store, demo
 
-from .conftest import API_KEY, SECRET, free_port, fresh_pg_database
+from .conftest import API_KEY, SECRET, ServerProcess, fresh_pg_database
 
 CLI = [sys.executable, "-m", "fonana_ws"]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    prefixes = ("WS_", "JWT_", "NEXTAUTH_", "DATABASE_", "BROADCAST_", "REDIS_", "LOG_", "FONANA_WS_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k != "TRUSTED_PROXIES"}
-    env.update(extra)
-    return env
-
-
 @asynccontextmanager
 async def served(tmp: Path, **env: str) -> AsyncIterator[tuple[int, Path]]:
-    """``fonana-ws serve`` as a process, its stdout and stderr in one log file; SIGTERM at the end."""
-    port = free_port()
-    log = tmp / "server.log"
+    """``fonana-ws serve`` as a process from a clean environment, its log in one file; exit 0 at the end."""
     settings = {"JWT_SECRET": SECRET, "WS_API_KEY": API_KEY, "FONANA_WS_DATA_DIR": str(tmp / "data"), **env}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [*CLI, "serve"], cwd=tmp, env=clean_env(WS_PORT=str(port), **settings), stdout=sink, stderr=sink
-        )
-    try:
-        deadline = time.monotonic() + 20
-        async with httpx.AsyncClient() as http:
-            while True:
-                assert proc.poll() is None, f"server exited: {log.read_text()}"
-                assert time.monotonic() < deadline, "server did not become healthy"
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
-        yield port, log
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), 15)
-        except TimeoutError:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, log.read_text()
+    async with ServerProcess(settings, tmp, inherit=False) as proc:
+        yield proc.port, proc.log_path
+    assert proc.proc.returncode == 0, proc.log()
 
 
 async def connect(port: int, token: str | None = None, **kwargs: Any) -> Any:

@@ -4,7 +4,6 @@ database (SQLite and PostgreSQL), including the failures scripts rely on (exit 1
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import stat
 import sys
@@ -19,6 +18,7 @@ from fonana_ws.auth import create_token, verify_token
 from fonana_ws.config import normalize_database_url
 from fonana_ws.db import Store
 
+from . import conftest
 from .conftest import (
     API_KEY,
     SECRET,
@@ -47,14 +47,8 @@ class Result:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any fonana-ws setting, plus ``extra``."""
-    prefixes = ("WS_", "JWT_", "NEXTAUTH_", "DATABASE_", "BROADCAST_", "REDIS_", "LOG_", "FONANA_WS_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.pop("METRICS_PORT", None)
-    env.pop("TRUSTED_PROXIES", None)
-    env["COLUMNS"] = "240"  # rich: one table row per line
-    env.update(extra)
-    return env
+    """No fonana-ws setting from the test process, and wide rich tables (one row per line)."""
+    return conftest.clean_env(**{"COLUMNS": "240", **extra})
 
 
 def server_env(srv: Server, **extra: str) -> dict[str, str]:

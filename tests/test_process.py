@@ -18,19 +18,9 @@ import websockets
 
 from fonana_ws.auth import create_token
 
-from .conftest import ServerProcess, free_port
+from .conftest import ServerProcess, clean_env, free_port
 
 CLI = [sys.executable, "-m", "fonana_ws"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("WS_", "JWT_", "NEXTAUTH_", "DATABASE_", "BROADCAST_", "REDIS_"))
-    }
-    env.update(extra)
-    return env
 
 
 async def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
