@@ -105,8 +105,27 @@ class Supervised:
     _down_since: float | None
     _session_was_up: bool
 
+    _op_timeout: float
+    _supervisor: asyncio.Task[None] | None
+
     async def _session(self) -> None:
         raise NotImplementedError
+
+    async def _start(self, name: str) -> None:
+        """Start the reconnect loop; wait up to the op timeout for a first connection (none is no error)."""
+        self._supervisor = asyncio.create_task(self._run(), name=name)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._op_timeout):
+                await self._up.wait()
+
+    async def _stop(self) -> None:
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._up.clear()
+        self._down_since = None
 
     def _mark_down(self, reason: BaseException | str) -> None:
         self._up.clear()

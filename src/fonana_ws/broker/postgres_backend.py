@@ -139,19 +139,10 @@ class PostgresBackend(Supervised, BroadcastBackend):
         if self._supervisor is not None:
             return
         self._notes = asyncio.Queue()
-        self._supervisor = asyncio.create_task(self._run(), name="fonana-ws postgres broker")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._op_timeout):
-                await self._up.wait()
+        await self._start("fonana-ws postgres broker")
 
     async def disconnect(self) -> None:
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._up.clear()
-        self._down_since = None
+        await self._stop()
         self._refs.clear()
         self._names.clear()
         self._notes.put_nowait(None)

@@ -106,19 +106,10 @@ class RedisBackend(Supervised, BroadcastBackend):
         # One retry lets a publish survive a pooled connection that died with a restarted server.
         options = {**self._client_options(), "retry": Retry(NoBackoff(), 1)}
         self._publisher = aioredis.Redis.from_url(self._url, **options)
-        self._supervisor = asyncio.create_task(self._run(), name="fonana-ws redis broker")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._op_timeout):
-                await self._up.wait()
+        await self._start("fonana-ws redis broker")
 
     async def disconnect(self) -> None:
-        task, self._supervisor = self._supervisor, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._up.clear()
-        self._down_since = None
+        await self._stop()
         if self._publisher is not None:
             await self._publisher.aclose()
             self._publisher = None
