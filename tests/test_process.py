@@ -161,3 +161,25 @@ async def test_slow_consumer_does_not_grow_server_memory(tmp_path: Path) -> None
             # The close frame (1013) is written behind the backlog; the transport is aborted 1 s later,
             # so a client that still was not reading may see an abrupt end instead.
             assert exc.rcvd is None or exc.rcvd.code == 1013
+
+
+def test_numbers_must_be_finite_and_in_range() -> None:
+    from fonana_ws.config import ConfigError, load_settings
+
+    base = {"JWT_SECRET": "s" * 32}
+    for name, value in [
+        ("JWT_LEEWAY", "nan"),
+        ("JWT_LEEWAY", "inf"),
+        ("JWT_LEEWAY", "100000"),
+        ("WS_PING_INTERVAL", "nan"),
+        ("WS_SHUTDOWN_TIMEOUT", "inf"),
+        ("WS_USER_CACHE_TTL", "-1"),
+        ("WS_SEND_BUFFER", "12"),
+        ("METRICS_PORT", "3002"),
+    ]:
+        try:
+            load_settings({**base, name: value}, env_file=None)
+        except ConfigError as exc:
+            assert name in str(exc), exc
+        else:
+            raise AssertionError(f"{name}={value} was accepted")

@@ -17,7 +17,7 @@ from .db import Store
 from .db.demo import DEMO_USERS, seed_demo
 from .endpoint import FonanaEndpoint
 from .hub import Hub
-from .protocol import CLOSE_GOING_AWAY
+from .protocol import CLOSE_SERVICE_RESTART
 from .publisher import Publisher
 from .services import Services
 from .stats import Stats
@@ -74,7 +74,7 @@ async def stop(services: Services) -> None:
         server, task = services.metrics_server
         server.should_exit = True
         await task
-    await services.hub.close(CLOSE_GOING_AWAY, "Server shutting down")
+    await services.hub.close(CLOSE_SERVICE_RESTART, "Server shutting down")
     await services.broker.disconnect()
     await services.store.disconnect()
 

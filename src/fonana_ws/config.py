@@ -6,6 +6,7 @@ A bad value stops the start with a ``ConfigError`` that names the setting.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -89,15 +90,15 @@ def _int(name: str, raw: str | None, default: int, low: int, high: int) -> int:
     return value
 
 
-def _float(name: str, raw: str | None, default: float, low: float) -> float:
+def _float(name: str, raw: str | None, default: float, low: float, high: float) -> float:
     if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < low:
-        raise ConfigError(f"{name} must be at least {low}, got {value}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
     return value
 
 
@@ -195,21 +196,27 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         api_key = dev_secret(data_dir, DEV_API_KEY_FILE)
         src["WS_API_KEY"] = f"dev key file {data_dir / DEV_API_KEY_FILE}"
     proxies = get("TRUSTED_PROXIES")
-    metrics_port = get("METRICS_PORT")
+    port = _int("WS_PORT", get("WS_PORT", "PORT"), 3002, 0, 65535)
+    raw_metrics = get("METRICS_PORT")
+    metrics = _int("METRICS_PORT", raw_metrics, 0, 1, 65535) if raw_metrics else None
+    if metrics is not None and metrics == port:
+        raise ConfigError(
+            f"METRICS_PORT must differ from WS_PORT ({port}): /metrics is on the main port already"
+        )
 
     return Settings(
         host=get("WS_HOST") or "127.0.0.1",
-        port=_int("WS_PORT", get("WS_PORT", "PORT"), 3002, 0, 65535),
+        port=port,
         jwt_secret=secret,
         jwt_secret_source=secret_source,
         jwt_issuer=get("JWT_ISSUER"),
         jwt_audience=get("JWT_AUDIENCE"),
-        jwt_leeway=_float("JWT_LEEWAY", get("JWT_LEEWAY"), 30.0, 0.0),
+        jwt_leeway=_float("JWT_LEEWAY", get("JWT_LEEWAY"), 30.0, 0.0, 300.0),
         database_url=database_url,
         broadcast_url=_broadcast_url(get("BROADCAST_URL"), get("REDIS_URL")),
         api_key=api_key,
         data_dir=data_dir,
-        ping_interval=_float("WS_PING_INTERVAL", get("WS_PING_INTERVAL"), 30.0, 0.0),
+        ping_interval=_float("WS_PING_INTERVAL", get("WS_PING_INTERVAL"), 30.0, 0.0, 3600.0),
         send_buffer=_int("WS_SEND_BUFFER", get("WS_SEND_BUFFER"), 1 << 20, 1024, 1 << 30),
         per_message_deflate=_bool("WS_PERMESSAGE_DEFLATE", get("WS_PERMESSAGE_DEFLATE")),
         max_message_size=_int("WS_MAX_MESSAGE_SIZE", get("WS_MAX_MESSAGE_SIZE"), 64 * 1024, 128, 16 << 20),
@@ -218,10 +225,10 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         trusted_proxies=tuple(p.strip() for p in proxies.split(",") if p.strip())
         if proxies
         else ("127.0.0.1", "::1"),
-        shutdown_timeout=_float("WS_SHUTDOWN_TIMEOUT", get("WS_SHUTDOWN_TIMEOUT"), 8.0, 0.0),
+        shutdown_timeout=_float("WS_SHUTDOWN_TIMEOUT", get("WS_SHUTDOWN_TIMEOUT"), 8.0, 0.0, 60.0),
         max_subscriptions=_int("WS_MAX_SUBSCRIPTIONS", get("WS_MAX_SUBSCRIPTIONS"), 200, 1, 100_000),
-        user_cache_ttl=_float("WS_USER_CACHE_TTL", get("WS_USER_CACHE_TTL"), 60.0, 0.0),
-        metrics_port=_int("METRICS_PORT", metrics_port, 0, 1, 65535) if metrics_port else None,
+        user_cache_ttl=_float("WS_USER_CACHE_TTL", get("WS_USER_CACHE_TTL"), 60.0, 0.0, 3600.0),
+        metrics_port=metrics,
         metrics_host=get("METRICS_HOST") or "127.0.0.1",
         sources=src,
     )

@@ -24,6 +24,8 @@ from .wire import EXTENSION, Wire, text_frame
 log = logging.getLogger("fonana_ws.connection")
 _ids = itertools.count(1)
 _EMPTY: deque[str] = deque(maxlen=0)
+#: Multi-target event ids each connection remembers (see ``seen_multi``).
+RECENT_MULTI = 32
 
 
 class Outbox:
@@ -43,7 +45,11 @@ class Outbox:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:  # one broken socket must not leave the others' frames unwritten
+                log.exception("write to connection %s failed", conn.id)
+                conn.detach()
 
 
 class Connection:
@@ -68,6 +74,7 @@ class Connection:
         "_waiter",
         "_writer",
         "on_slow",
+        "_recent_multi",
     )
 
     def __init__(
@@ -98,6 +105,7 @@ class Connection:
         self._waiter: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self.on_slow: Any = None
+        self._recent_multi: list[str] | None = None
         if self._wire is None:
             self._queue = deque()  # the direct path never queues: no deque (~600 B) for it
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -117,7 +125,9 @@ class Connection:
             self._pending.append(wire)
             self._pending_bytes += len(wire)
             if self._pending_bytes > self._limit:
-                self._slow()
+                # A burst within one loop iteration: hand it to the kernel now, and cut only a client
+                # whose socket will not take it (flush checks the transport's buffer).
+                self.flush()
             return
         self._queue.append(text)
         self._queue_bytes += len(text)
@@ -127,6 +137,23 @@ class Connection:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def seen_multi(self, event_id: str) -> bool:
+        """Was this multi-target event already sent here? Records it if not.
+
+        The copies of one event (one per target channel) are published together, so a short memory per
+        connection is enough; it is bounded per connection, whatever the number of events.
+        """
+        recent = self._recent_multi
+        if recent is None:
+            self._recent_multi = [event_id]
+            return False
+        if event_id in recent:
+            return True
+        recent.append(event_id)
+        if len(recent) > RECENT_MULTI:
+            del recent[0]
+        return False
 
     def send_text(self, text: str) -> None:
         """Queue a control frame (a reply to this client only)."""

@@ -62,9 +62,10 @@ class FonanaEndpoint(WebSocketEndpoint):
         subprotocols = self.scope.get("subprotocols") or []
         token = token_from_scope(self.scope.get("query_string", b""), headers, subprotocols)
         address = client_address(self.scope, settings.trusted_proxies)
+        # A browser fails the handshake unless one offered subprotocol is echoed back.
         accept_proto = "bearer" if "bearer" in subprotocols else None
-        if accept_proto is None and token and token in subprotocols:
-            accept_proto = token
+        if accept_proto is None and token:
+            accept_proto = next((p for p in subprotocols if p in (token, f"bearer.{token}")), None)
         user_id: str | None = None
         try:
             user_id, _claims = verify_token(
@@ -100,15 +101,18 @@ class FonanaEndpoint(WebSocketEndpoint):
         self.scope["headers"] = []
         conn = Connection(websocket, user_id, services.hub.outbox, limit=settings.send_buffer, client=address)
         conn.on_slow = self._on_slow
+        # Queued before the connection joins its user's channel: `connected` is always the first frame.
+        conn.send_text(protocol.connected(user_id))
         try:
             await services.hub.add_connection(conn)
-        except Exception as exc:
-            log.error("could not register connection of %s: %s", user_id, exc)
+        except BaseException as exc:  # a broker failure, or cancelled at shutdown: leave nothing behind
             await services.hub.remove_connection(conn)
+            if not isinstance(exc, Exception):
+                raise
+            log.error("could not register connection of %s: %s", user_id, exc)
             await websocket.close(1011, "Broker unavailable, try again")
             return
         self.conn = conn
-        conn.send_text(protocol.connected(user_id))
         lifecycle(logging.INFO, "connected", conn=conn.id, user=user_id, client=address, direct=conn.direct)
 
     def _on_slow(self, conn: Connection) -> None:

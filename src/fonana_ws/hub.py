@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -22,9 +21,6 @@ from .stats import Stats
 from .wire import text_frame
 
 log = logging.getLogger("fonana_ws.hub")
-
-#: How many multi-target event ids each node remembers to deliver such an event once per connection.
-RECENT_MULTI = 4096
 
 
 class Hub:
@@ -39,7 +35,6 @@ class Hub:
         self._subs: dict[str, asyncio.Task[None]] = {}
         self._ops: dict[str, asyncio.Task[None]] = {}
         broker.listen(self.on_message)
-        self._recent: OrderedDict[str, set[int]] = OrderedDict()
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -157,28 +152,28 @@ class Hub:
         payload = orjson.dumps(envelope.event)
         text = payload.decode()
         frame = text_frame(payload)
+        count = 0
         if envelope.multi:
-            seen = self._seen(envelope.id)
-            count = 0
+            event_id = envelope.id
             for conn in conns:
-                if conn.id not in seen:
-                    seen.add(conn.id)
-                    conn.send(text, frame)
-                    count += 1
+                if conn.seen_multi(event_id):
+                    continue
+                self._send(conn, text, frame)
+                count += 1
         else:
             for conn in conns:
-                conn.send(text, frame)
+                self._send(conn, text, frame)
             count = len(conns)
         self.stats.deliveries += count
         return count
 
-    def _seen(self, event_id: str) -> set[int]:
-        seen = self._recent.get(event_id)
-        if seen is None:
-            seen = self._recent[event_id] = set()
-            if len(self._recent) > RECENT_MULTI:
-                self._recent.popitem(last=False)
-        return seen
+    @staticmethod
+    def _send(conn: Connection, text: str, frame: bytes) -> None:
+        try:
+            conn.send(text, frame)
+        except Exception:  # one broken socket must not cost the other recipients their event
+            log.exception("delivery to connection %s failed", conn.id)
+            conn.detach()
 
     # -- shutdown -----------------------------------------------------------------------------------
 

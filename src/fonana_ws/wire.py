@@ -15,7 +15,7 @@ import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
 
 EXTENSION = "fonana.wire"
 
@@ -42,12 +42,12 @@ class Wire:
     def usable(self) -> bool:
         """Frames may be written directly: open, and no extension (permessage-deflate) negotiated."""
         p = self._protocol
-        return p.handshake_complete and not p.close_sent and not p.disconnected and not p.conn.extensions
+        return p.handshake_complete and _open(p) and not p.conn.extensions
 
     def write(self, data: bytes) -> None:
-        """Write pre-built frames; silently nothing once the connection is closing."""
+        """Write pre-built frames; silently nothing once either side started closing (RFC 6455 §5.5.1)."""
         p = self._protocol
-        if not p.close_sent and not p.disconnected:
+        if _open(p):
             p.transport.write(data)
 
     def buffered(self) -> int:
@@ -63,12 +63,17 @@ class Wire:
         p = self._protocol
         if p.disconnected or p.close_sent:
             return
-        p.conn.send_close(code, reason)
-        p.transport.write(b"".join(p.conn.data_to_send()))
+        if p.conn.state is State.OPEN:  # the peer may have started closing: then no close frame from us
+            p.conn.send_close(code, reason)
+            p.transport.write(b"".join(p.conn.data_to_send()))
         p.close_sent = True
         p.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         p.stop_keepalive()
         p.loop.call_later(1.0, p.transport.abort)
+
+
+def _open(p: WebSocketsSansIOProtocol) -> bool:
+    return not p.close_sent and not p.disconnected and p.conn.state is State.OPEN
 
 
 class Inbox:
@@ -156,6 +161,21 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][EXTENSION] = Wire(self)
             self.request = None
+
+    def shutdown(self) -> None:
+        """uvicorn's shutdown (close 1012), safe for sockets that are already closing or not reading.
+
+        uvicorn sends 1012 to a connection whose peer already sent its close (``InvalidState`` raised in
+        its loop over all connections: the rest never hear of the shutdown), and waits for a peer that
+        stopped reading to drain its buffer until the graceful timeout.
+        """
+        if self.handshake_complete and not self.close_sent and self.conn.state is not State.OPEN:
+            self.stop_keepalive()
+            self.transport.abort()
+            return
+        super().shutdown()
+        if not self.disconnected and self.transport.get_write_buffer_size():
+            self.loop.call_later(1.0, self.transport.abort)
 
     async def send(self, message: Any) -> None:
         await super().send(message)
