@@ -153,27 +153,19 @@ class Hub:
         text = payload.decode()
         frame = text_frame(payload)
         count = 0
-        if envelope.multi:
-            event_id = envelope.id
-            for conn in conns:
-                if conn.seen_multi(event_id):
-                    continue
-                self._send(conn, text, frame)
-                count += 1
-        else:
-            for conn in conns:
-                self._send(conn, text, frame)
-            count = len(conns)
+        multi = envelope.multi
+        event_id = envelope.id
+        for conn in conns:
+            if multi and conn.seen_multi(event_id):
+                continue
+            try:
+                conn.send(text, frame)
+            except Exception:  # one broken socket must not cost the other recipients their event
+                log.exception("delivery to connection %s failed", conn.id)
+                conn.detach()
+            count += 1
         self.stats.deliveries += count
         return count
-
-    @staticmethod
-    def _send(conn: Connection, text: str, frame: bytes) -> None:
-        try:
-            conn.send(text, frame)
-        except Exception:  # one broken socket must not cost the other recipients their event
-            log.exception("delivery to connection %s failed", conn.id)
-            conn.detach()
 
     # -- shutdown -----------------------------------------------------------------------------------
 
