@@ -20,7 +20,7 @@ import typer
 from dotenv import dotenv_values
 from rich.table import Table
 
-from fonana_ws.auth import AuthError, create_token, verify_token
+from fonana_ws.auth import AuthError, create_token, verify_with
 from fonana_ws.broker import mask_url
 from fonana_ws.config import Settings
 
@@ -135,13 +135,7 @@ def check_token(
     async def resolve() -> tuple[str | None, AuthError | None]:
         user_id: str | None = None
         try:
-            user_id, _ = verify_token(
-                token,
-                settings.jwt_secret,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                leeway=settings.jwt_leeway,
-            )
+            user_id, _ = verify_with(settings, token)
         except AuthError as exc:
             return None, exc
         try:

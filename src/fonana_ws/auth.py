@@ -13,6 +13,8 @@ from urllib.parse import parse_qs
 
 import jwt
 
+from .config import Settings
+
 ALGORITHM = "HS256"
 
 
@@ -91,6 +93,17 @@ def verify_token(
     if user_id is None or isinstance(user_id, (dict, list, bool)) or str(user_id) == "":
         raise AuthError("invalid_claims", "token has no userId or sub claim")
     return str(user_id), claims
+
+
+def verify_with(settings: Settings, token: str | None) -> tuple[str, dict]:
+    """``verify_token`` under the server's settings: its secret, issuer, audience and leeway."""
+    return verify_token(
+        token,
+        settings.jwt_secret,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        leeway=settings.jwt_leeway,
+    )
 
 
 def create_token(

@@ -9,7 +9,7 @@ from starlette.endpoints import WebSocketEndpoint
 from starlette.websockets import WebSocket
 
 from . import protocol
-from .auth import AuthError, fingerprint, token_from_scope, verify_token
+from .auth import AuthError, fingerprint, token_from_scope, verify_with
 from .channels import ChannelError, channel_key, channel_type, may_subscribe
 from .connection import Connection
 from .net import client_address
@@ -68,13 +68,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             accept_proto = next((p for p in subprotocols if p in (token, f"bearer.{token}")), None)
         user_id: str | None = None
         try:
-            user_id, _claims = verify_token(
-                token,
-                settings.jwt_secret,
-                issuer=settings.jwt_issuer,
-                audience=settings.jwt_audience,
-                leeway=settings.jwt_leeway,
-            )
+            user_id, _claims = verify_with(settings, token)
             try:
                 known = await services.store.user_exists(user_id)
             except Exception as exc:
