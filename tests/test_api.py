@@ -53,3 +53,23 @@ async def test_health_and_ready(server: Server) -> None:
     ready = await server.http.get("/ready")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "database": "ok", "broker": "ok"}
+
+
+async def test_a_retried_publish_with_its_id_is_delivered_once(server: Server) -> None:
+    user = await server.user()
+    client = await server.connect(user)
+    await client.subscribe({"type": "creator", "id": f"retry-{user}"})
+    body = {
+        "channel": f"creator_retry-{user}",
+        "event": {"type": "creator_updated", "n": 1},
+        "id": f"e-{user}",
+    }
+    first = await server.publish(body)
+    assert first.status_code == 202 and first.json()["id"] == f"e-{user}"
+    assert (await server.publish(body)).status_code == 202  # the web app retried after a timeout
+    assert await client.recv() == {"type": "creator_updated", "n": 1}
+    await client.nothing(0.3)
+    await server.publish({**body, "id": f"other-{user}"})  # another id is another event
+    assert await client.recv() == {"type": "creator_updated", "n": 1}
+    bad = await server.publish({**body, "id": 5})
+    assert bad.status_code == 400 and "id" in bad.json()["error"]

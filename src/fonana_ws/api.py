@@ -51,11 +51,13 @@ async def read_json(request: Request) -> Any:
         raise PublishError("body is not valid JSON") from None
 
 
-async def publish_and_answer(request: Request, event: Any, channels: list[str], users: list[str]) -> Response:
+async def publish_and_answer(
+    request: Request, event: Any, channels: list[str], users: list[str], event_id: str | None = None
+) -> Response:
     """Publish through the process's publisher and map each failure to its HTTP answer."""
     svc = services(request)
     try:
-        event_id = await svc.publisher.publish(event, channels=channels, users=users)
+        event_id = await svc.publisher.publish(event, channels=channels, users=users, event_id=event_id)
     except PublishError as exc:
         return problem(400, str(exc))
     except PayloadTooLarge as exc:
@@ -67,7 +69,7 @@ async def publish_and_answer(request: Request, event: Any, channels: list[str], 
 
 
 async def publish(request: Request) -> Response:
-    """``POST /api/publish``: ``{"channel": KEY | "user": ID, "event": {...}}``."""
+    """``POST /api/publish``: ``{"channel": KEY | "user": ID, "event": {...}[, "id": EVENT_ID]}``."""
     if (denied := check_api_key(request)) is not None:
         return denied
     try:
@@ -90,7 +92,8 @@ async def publish(request: Request) -> Response:
         users.append(user)
     if not channels and not users:
         return problem(400, "channel or user is required")
-    return await publish_and_answer(request, body["event"], channels, users)
+    # An id chosen by the caller makes a retry after a timeout or a 503 safe (delivered once).
+    return await publish_and_answer(request, body["event"], channels, users, body.get("id"))
 
 
 async def health(request: Request) -> Response:

@@ -13,6 +13,7 @@ from .metrics import timed_publish
 from .stats import Stats
 
 MAX_USER_ID = 200
+MAX_EVENT_ID = 100
 
 
 class PublishError(ValueError):
@@ -45,9 +46,13 @@ class Publisher:
     ) -> str:
         """Publish ``event`` to channel keys and users; each connection receives it at most once.
 
+        An ``event_id`` given by the caller makes a retry safe: a connection that already received the
+        event under that id (among its last 32 such) does not receive it again.
         Raises ``PublishError`` for bad input and ``BrokerUnavailable`` when the broker is down.
         """
         validate_event(event)
+        if event_id is not None and (not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_EVENT_ID):
+            raise PublishError(f"id must be a string of 1 to {MAX_EVENT_ID} characters")
         targets: list[tuple[str, dict[str, str]]] = []
         for key in dict.fromkeys(channels):
             try:
@@ -61,8 +66,8 @@ class Publisher:
             targets.append((env.user_channel(user), {"user": user}))
         if not targets:
             raise PublishError("a channel or a user is required")
+        multi = len(targets) > 1 or event_id is not None
         event_id = event_id or env.new_event_id()
-        multi = len(targets) > 1
         try:
             # One round trip for all targets rather than one after another (post_created fans out to every
             # paying subscriber's feed); each connection still gets the event once (shared id, "multi").
