@@ -18,9 +18,12 @@ from fonana_ws.db import create_schema, demo
 
 from .conftest import (
     API_KEY,
+    REDIS_URL,
     SECRET,
     Client,
     ServerProcess,
+    clean_env,
+    free_port,
     fresh_pg_database,
     need_service,
     redis_reachable,
@@ -120,3 +123,72 @@ async def test_large_payload_through_postgres(tmp_path: Path) -> None:
             event = {"type": "creator_updated", "pad": "é" * size}
             assert (await publish(procs[1], {"channel": "creator_big", "event": event})).status_code == 202
             assert orjson.dumps(await client.recv()) == orjson.dumps(event)
+
+
+async def test_serve_with_workers_shares_the_port_and_the_broker(tmp_path: Path) -> None:
+    """``fonana-ws serve --workers 2``: two processes behind one port, one server to the clients."""
+    if (why := await redis_reachable()) is not None:
+        need_service("Redis", why)
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = clean_env(JWT_SECRET=SECRET, WS_API_KEY=API_KEY, WS_PORT=str(port), BROADCAST_URL=REDIS_URL)
+    log = tmp_path / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fonana_ws", "serve", "--workers", "2"],
+            cwd=tmp_path,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            assert len(children) >= 2, log.read_text()  # the workers (and multiprocessing's helper)
+            token = create_token(SECRET, "demo-subscriber", 600)
+            clients = []
+            for _ in range(8):  # the kernel spreads them over both workers
+                ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws?token={token}", close_timeout=1)
+                client = Client(ws)
+                await client.recv_type("connected")
+                await client.subscribe({"type": "creator", "id": "demo-creator"})
+                clients.append(client)
+            event = {"type": "creator_updated", "creatorId": "demo-creator"}
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            body = {"channel": "creator_demo-creator", "event": event}
+            assert (await http.post("/api/publish", json=body, headers=headers)).status_code == 202
+            for client in clients:
+                assert await client.recv() == event
+            proc.send_signal(signal.SIGTERM)
+            for client in clients:
+                with pytest.raises(websockets.ConnectionClosed) as info:
+                    await client.recv(10)
+                assert info.value.rcvd is not None and info.value.rcvd.code == 1012
+        assert await asyncio.to_thread(proc.wait, 15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_need_a_shared_broker(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fonana_ws", "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=clean_env(WS_PORT=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "BROADCAST_URL" in result.stderr

@@ -47,16 +47,25 @@ def serve(
         None, help="memory://, redis://... or postgresql://... (env BROADCAST_URL)."
     ),
     database_url: str = typer.Option(None, help="postgresql://... or sqlite:///... (env DATABASE_URL)."),
+    workers: int = typer.Option(
+        1,
+        min=1,
+        max=64,
+        help="Processes sharing the port; more than 1 needs a shared broker (Redis/PostgreSQL).",
+    ),
 ) -> None:
     """Run the server (memory broker and a local SQLite file when nothing is configured)."""
     from fonana_ws.server import serve as run
 
-    settings = settings_or_exit(
-        WS_HOST=host,
-        WS_PORT=str(port) if port is not None else None,
-        BROADCAST_URL=broadcast_url,
-        DATABASE_URL=database_url,
-    )
+    overrides = {
+        "WS_HOST": host,
+        "WS_PORT": str(port) if port is not None else None,
+        "BROADCAST_URL": broadcast_url,
+        "DATABASE_URL": database_url,
+    }
+    settings = settings_or_exit(**overrides)
+    # Worker processes read their settings from the environment: the options must be there too.
+    os.environ.update({k: v for k, v in overrides.items() if v is not None})
     if settings.embedded and not settings.log_json:  # JSON logs stay one object per line
         from fonana_ws.db import demo
 
@@ -70,7 +79,12 @@ def serve(
             f'-d \'{{"channel":"post_{demo.OPEN_POST}","event":{{"type":"hello"}}}}\' '
             f"http://{settings.host}:{settings.port}/api/publish"
         )
-    if not run(settings):
+    try:
+        started = run(settings, workers)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    if not started:
         err.print("[red]the server did not start[/red] (see the log above)")
         raise typer.Exit(1)
 

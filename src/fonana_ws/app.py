@@ -38,15 +38,31 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+async def seed_embedded(store: Store) -> None:
+    """The embedded default's schema and demo users (idempotent)."""
+    await store.create_schema()
+    if await seed_demo(store.db):
+        log.info("embedded database: added demo users")
+
+
+async def prepare_embedded(settings: Settings) -> None:
+    """Seed the embedded database once, before worker processes start (they would race to)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.database_url)
+    await store.connect()
+    try:
+        await seed_embedded(store)
+    finally:
+        await store.disconnect()
+
+
 async def start(services: Services) -> None:
     settings = services.settings
     if settings.embedded:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     await services.store.connect()
     if settings.embedded:
-        await services.store.create_schema()
-        if await seed_demo(services.store.db):
-            log.info("embedded database: added demo users")
+        await seed_embedded(services.store)
         for user_id, what in DEMO_USERS.items():
             log.info("demo user %s: %s", user_id, what)
     await services.broker.connect()

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
-from .app import create_app
-from .config import Settings
+from .app import FonanaApp, create_app, prepare_embedded
+from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
 from .wire import FonanaWSProtocol
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, workers: int = 1) -> uvicorn.Config:
     ping = settings.ping_interval or None
     return uvicorn.Config(
-        create_app(settings),
+        # Worker processes build their own app (from the same environment) after the fork.
+        "fonana_ws.server:worker_app" if workers > 1 else create_app(settings),
+        factory=workers > 1,
+        workers=workers,
         host=settings.host,
         port=settings.port,
         ws=FonanaWSProtocol,
@@ -56,10 +61,34 @@ class Server(uvicorn.Server):
                 self._captured_signals.clear()
 
 
-def serve(settings: Settings) -> bool:
-    """Serve until SIGTERM/SIGINT (sockets closed with 1012); False when the start failed."""
+def worker_app() -> FonanaApp:
+    """The app of one worker process (``serve --workers N``): settings from the environment."""
+    settings = load_settings()
     configure_logging(settings.log_level, settings.log_json)
-    logging.getLogger("fonana_ws").info("listening on ws://%s:%s/ws", settings.host, settings.port)
+    return create_app(settings)
+
+
+def serve(settings: Settings, workers: int = 1) -> bool:
+    """Serve until SIGTERM/SIGINT (sockets closed with 1012); False when the start failed.
+
+    With ``workers`` > 1, that many processes share the listening socket and reach each other through
+    the broker, so it must be one they share (Redis or PostgreSQL).
+    """
+    configure_logging(settings.log_level, settings.log_json)
+    log = logging.getLogger("fonana_ws")
+    if workers > 1:
+        if settings.broker_kind == "memory":
+            raise ConfigError(
+                "--workers needs a broker the processes share: set BROADCAST_URL (or REDIS_URL) to "
+                "redis://... or postgresql://..."
+            )
+        if settings.embedded:
+            asyncio.run(prepare_embedded(settings))  # once, before the workers race to seed it
+        config = uvicorn_config(settings, workers)
+        log.info("listening on ws://%s:%s/ws with %d workers", settings.host, settings.port, workers)
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return True
+    log.info("listening on ws://%s:%s/ws", settings.host, settings.port)
     server = Server(uvicorn_config(settings))
     server.run()
     return server.started
