@@ -96,6 +96,7 @@ async def stop(services: Services) -> None:
 
 
 WS_PATHS = frozenset(("/ws", "/"))
+CONFORMANCE_PATH = "/conformance/echo"
 
 
 class FonanaApp:
@@ -109,12 +110,21 @@ class FonanaApp:
     def __init__(self, app: Starlette) -> None:
         self.app = app
         self.state = app.state
+        self.echo = app.state.services.settings.conformance_echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] in WS_PATHS:
-            scope["app"] = self.app
-            await FonanaEndpoint(scope, receive, send)
-            return
+        if scope["type"] == "websocket":
+            path = scope["path"]
+            if path in WS_PATHS:
+                scope["app"] = self.app
+                await FonanaEndpoint(scope, receive, send)
+                return
+            if path == CONFORMANCE_PATH and self.echo:
+                from .conformance import EchoEndpoint
+
+                scope["app"] = self.app
+                await EchoEndpoint(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

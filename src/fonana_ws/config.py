@@ -53,6 +53,24 @@ class Settings:
     #: A second listener for /metrics and /stats only (the old server's METRICS_PORT); None: main port only.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: Origins a browser upgrade may come from (``*`` for one subdomain level); empty: no check.
+    allowed_origins: tuple[str, ...] = ()
+    #: Upgrades per client address, in ``limits`` notation (``30/10 seconds``); None: no limit.
+    connect_rate: str | None = None
+    #: Authenticated connections one user may hold across all processes.
+    max_connections_per_user: int = 32
+    #: Seconds a TCP connection has to finish its HTTP headers, or its upgrade and authentication.
+    handshake_timeout: float = 10.0
+    #: Seconds an HTTP request has to deliver its whole body once its headers are in.
+    body_timeout: float = 30.0
+    #: Bytes of request line and headers accepted before the request is refused with 414/431.
+    max_header_size: int = 32 * 1024
+    #: Inbound frames per connection, in ``limits`` notation.
+    client_rate: str = "50/10 seconds"
+    #: Largest request body of ``/api/*`` and largest encoded event, in bytes.
+    max_event_size: int = 1 << 20
+    #: Serve ``/conformance/echo`` for Autobahn Testsuite (tests only).
+    conformance_echo: bool = False
     #: Where each setting came from (name -> "env", ".env", "default", "generated"), for `fonana-ws config`.
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
@@ -110,6 +128,35 @@ def _bool(name: str, raw: str | None) -> bool:
     if raw.lower() in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _rate(name: str, raw: str | None) -> str | None:
+    """A rate in ``limits`` notation (``50/10 seconds``, ``30 per minute``), checked at start."""
+    if raw is None:
+        return None
+    from limits import parse_many
+
+    try:
+        parse_many(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be a rate such as '30/10 seconds' or '100 per minute', got {raw!r}"
+        ) from None
+    return raw
+
+
+def _origins(raw: str | None) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    origins = tuple(o.strip().rstrip("/").lower() for o in raw.split(",") if o.strip())
+    for origin in origins:
+        scheme, sep, host = origin.partition("://")
+        if not sep or scheme not in ("http", "https") or not host or "*" in host.lstrip("*."):
+            raise ConfigError(
+                f"WS_ALLOWED_ORIGINS must list origins such as https://fonana.me or https://*.fonana.me, "
+                f"got {origin!r}"
+            )
+    return origins
 
 
 def normalize_database_url(url: str, name: str = "DATABASE_URL") -> str:
@@ -230,5 +277,16 @@ def load_settings(environ: dict[str, str] | None = None, env_file: str | Path | 
         user_cache_ttl=_float("WS_USER_CACHE_TTL", get("WS_USER_CACHE_TTL"), 60.0, 0.0, 3600.0),
         metrics_port=metrics,
         metrics_host=get("METRICS_HOST") or "127.0.0.1",
+        allowed_origins=_origins(get("WS_ALLOWED_ORIGINS")),
+        connect_rate=_rate("WS_CONNECT_RATE", get("WS_CONNECT_RATE")),
+        max_connections_per_user=_int(
+            "WS_MAX_CONNECTIONS_PER_USER", get("WS_MAX_CONNECTIONS_PER_USER"), 32, 1, 100_000
+        ),
+        handshake_timeout=_float("WS_HANDSHAKE_TIMEOUT", get("WS_HANDSHAKE_TIMEOUT"), 10.0, 0.1, 300.0),
+        body_timeout=_float("WS_BODY_TIMEOUT", get("WS_BODY_TIMEOUT"), 30.0, 0.1, 600.0),
+        max_header_size=_int("WS_MAX_HEADER_SIZE", get("WS_MAX_HEADER_SIZE"), 32 * 1024, 1024, 1 << 20),
+        client_rate=_rate("WS_CLIENT_RATE", get("WS_CLIENT_RATE")) or "50/10 seconds",
+        max_event_size=_int("WS_MAX_EVENT_SIZE", get("WS_MAX_EVENT_SIZE"), 1 << 20, 1024, 64 << 20),
+        conformance_echo=_bool("WS_CONFORMANCE_ECHO", get("WS_CONFORMANCE_ECHO")),
         sources=src,
     )

@@ -12,18 +12,11 @@ from . import protocol
 from .auth import AuthError, fingerprint, token_from_scope, verify_with
 from .channels import ChannelError, channel_key, channel_type, may_subscribe
 from .connection import Connection
+from .logs import lifecycle
 from .net import client_address
 from .services import Services
 
 log = logging.getLogger("fonana_ws.connection")
-
-
-def lifecycle(level: int, event: str, **fields: object) -> None:
-    """One log line per lifecycle event: ``event k=v ...`` in text, separate fields in JSON logs."""
-    if log.isEnabledFor(level):
-        fields = {k: v for k, v in fields.items() if v is not None}
-        text = " ".join(f"{k}={v}" for k, v in fields.items())
-        log.log(level, "%s %s", event, text, extra={"fields": {"event": event, **fields}})
 
 
 class FonanaEndpoint(WebSocketEndpoint):

@@ -37,3 +37,14 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
     # uvicorn logs each accepted WebSocket with its query string, which carries the token: keep it quiet.
     logging.getLogger("uvicorn.error").setLevel(max(numeric, logging.WARNING))
     logging.getLogger("uvicorn.access").disabled = True
+
+
+_lifecycle_log = logging.getLogger("fonana_ws.connection")
+
+
+def lifecycle(level: int, event: str, **fields: object) -> None:
+    """One log line per lifecycle event: ``event k=v ...`` in text, separate fields in JSON logs."""
+    if _lifecycle_log.isEnabledFor(level):
+        fields = {k: v for k, v in fields.items() if v is not None}
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        _lifecycle_log.log(level, "%s %s", event, text, extra={"fields": {"event": event, **fields}})

@@ -127,6 +127,8 @@ def snapshot(services: Services) -> dict[str, Any]:
     hist = publish_latency(stats)
     return {
         "connections": len(hub.connections),
+        # A leak shows here first (the churn soak watches it): every task of this process's loop.
+        "tasks": len(asyncio.all_tasks()),
         "connected_users": len(hub.by_user),
         "subscriptions": subscriptions,
         "channels": channels,

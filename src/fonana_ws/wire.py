@@ -22,12 +22,21 @@ EXTENSION = "fonana.wire"
 
 def text_frame(payload: bytes) -> bytes:
     """An unmasked, final, uncompressed text frame (server to client, RFC 6455 §5.2)."""
+    return data_frame(payload, 0x81)
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """An unmasked, final, uncompressed binary frame."""
+    return data_frame(payload, 0x82)
+
+
+def data_frame(payload: bytes, first: int) -> bytes:
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((first, n)) + payload
     if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
 
 
 class Wire:
