@@ -53,7 +53,7 @@ async def cluster(broker: str, count: int, tmp: Path):
         db = databases.Database(db_url)
         await db.connect()
         await create_schema(db)
-        users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+        users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(10)]
         for user in users:
             await demo.insert_user(db, user)
         await db.disconnect()
@@ -101,7 +101,8 @@ async def test_publish_on_one_process_reaches_every_process_once(
 async def test_200_concurrent_subscribers_of_a_new_channel(broker: str, tmp_path: Path) -> None:
     async with cluster(broker, 2, tmp_path) as (procs, users):
         key = uuid.uuid4().hex[:8]
-        clients = await asyncio.gather(*(connect(procs[0], users[i % 3]) for i in range(200)))
+        # 20 tabs per user: within WS_MAX_CONNECTIONS_PER_USER (32).
+        clients = await asyncio.gather(*(connect(procs[0], users[i % 10]) for i in range(200)))
         await asyncio.gather(
             *(c.send({"type": "subscribe", "channel": {"type": "creator", "id": key}}) for c in clients)
         )

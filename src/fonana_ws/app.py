@@ -10,7 +10,8 @@ from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from . import api, events_api, metrics
+from . import api, events_api, metrics, user_connections
+from .admission import RateLimits
 from .broker import Broker, mask_url
 from .config import Settings, load_settings
 from .db import Store
@@ -35,6 +36,8 @@ def build_services(settings: Settings) -> Services:
         hub=Hub(broker, stats),
         publisher=Publisher(broker, stats),
         stats=stats,
+        rate_limits=RateLimits(settings),
+        user_connections=user_connections.for_settings(settings),
     )
 
 
@@ -66,6 +69,7 @@ async def start(services: Services) -> None:
         for user_id, what in DEMO_USERS.items():
             log.info("demo user %s: %s", user_id, what)
     await services.broker.connect()
+    await services.user_connections.start()
     if settings.metrics_port:
         services.metrics_server = await metrics.start_metrics_server(
             services, settings.metrics_host, settings.metrics_port
@@ -91,6 +95,8 @@ async def stop(services: Services) -> None:
         server.should_exit = True
         await task
     await services.hub.close(CLOSE_SERVICE_RESTART, "Server shutting down")
+    await services.user_connections.stop()
+    await services.rate_limits.close()
     await services.broker.disconnect()
     await services.store.disconnect()
 

@@ -6,15 +6,18 @@ import logging
 from typing import Any
 
 from starlette.endpoints import WebSocketEndpoint
+from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
 from . import protocol
+from .admission import origin_allowed
 from .auth import AuthError, fingerprint, token_from_scope, verify_with
 from .channels import ChannelError, channel_key, channel_type, may_subscribe
 from .connection import Connection
 from .logs import lifecycle
 from .net import client_address
 from .services import Services
+from .wire import EXTENSION
 
 log = logging.getLogger("fonana_ws.connection")
 
@@ -24,6 +27,10 @@ class FonanaEndpoint(WebSocketEndpoint):
 
     encoding = None
     conn: Connection | None = None
+    #: The first frame dropped for the rate is logged; the rest of the connection's are only counted.
+    rate_logged = False
+    #: This connection holds one of its user's WS_MAX_CONNECTIONS_PER_USER slots.
+    holds_slot = False
 
     @property
     def services(self) -> Services:
@@ -47,14 +54,37 @@ class FonanaEndpoint(WebSocketEndpoint):
         finally:
             await self.on_disconnect(websocket, close_code)
 
+    async def refuse_upgrade(
+        self, websocket: WebSocket, status: int, cause: str, message: str, **log: Any
+    ) -> None:
+        """Refused before the upgrade, with an HTTP status (where the server can send one)."""
+        self.services.stats.limit_refusals[cause] += 1
+        lifecycle(logging.INFO, "refused", cause=cause, **log)
+        if "websocket.http.response" in self.scope.get("extensions", {}):
+            await websocket.send_denial_response(PlainTextResponse(message, status_code=status))
+        else:
+            await websocket.close(protocol.CLOSE_UNAUTHORIZED, message)
+
     async def on_connect(self, websocket: WebSocket) -> None:
         services = self.services
         settings = services.settings
         raw_headers = self.scope["headers"]
+        address = client_address(self.scope, settings.trusted_proxies)
+        if settings.allowed_origins:
+            origin = next((v.decode("latin-1") for k, v in raw_headers if k == b"origin"), None)
+            if not origin_allowed(origin, settings.allowed_origins):
+                await self.refuse_upgrade(
+                    websocket, 403, "origin", "Origin not allowed", client=address, origin=origin
+                )
+                return
+        if not await services.rate_limits.connect_allowed(address):
+            await self.refuse_upgrade(
+                websocket, 429, "connect_rate", "Too many connection attempts", client=address
+            )
+            return
         headers = {k.decode(): v.decode("latin-1") for k, v in raw_headers if k == b"authorization"}
         subprotocols = self.scope.get("subprotocols") or []
         token = token_from_scope(self.scope.get("query_string", b""), headers, subprotocols)
-        address = client_address(self.scope, settings.trusted_proxies)
         # A browser fails the handshake unless one offered subprotocol is echoed back.
         accept_proto = "bearer" if "bearer" in subprotocols else None
         if accept_proto is None and token:
@@ -88,6 +118,12 @@ class FonanaEndpoint(WebSocketEndpoint):
         self.scope["headers"] = []
         conn = Connection(websocket, user_id, services.hub.outbox, limit=settings.send_buffer, client=address)
         conn.on_slow = self._on_slow
+        if not await services.user_connections.acquire(user_id, str(conn.id)):
+            services.stats.limit_refusals["user_connections"] += 1
+            lifecycle(logging.INFO, "refused", user=user_id, client=address, cause="user_connections")
+            await websocket.close(protocol.CLOSE_TOO_MANY_CONNECTIONS, "Too many connections")
+            return
+        self.holds_slot = True
         # Queued before the connection joins its user's channel: `connected` is always the first frame.
         conn.send_text(protocol.connected(user_id))
         try:
@@ -97,18 +133,52 @@ class FonanaEndpoint(WebSocketEndpoint):
             if not isinstance(exc, Exception):
                 raise
             log.error("could not register connection of %s: %s", user_id, exc)
+            await self._release(conn)
             await websocket.close(1011, "Broker unavailable, try again")
             return
         self.conn = conn
+        wire = self.scope["extensions"].get(EXTENSION)
+        if wire is not None:
+            wire.authenticated()
         lifecycle(logging.INFO, "connected", conn=conn.id, user=user_id, client=address, direct=conn.direct)
 
     def _on_slow(self, conn: Connection) -> None:
         self.services.stats.slow_consumer_disconnects += 1
         lifecycle(logging.WARNING, "slow consumer cut", conn=conn.id, user=conn.user_id, client=conn.client)
 
+    async def _release(self, conn: Connection) -> None:
+        self.services.rate_limits.forget(conn.id)
+        if self.holds_slot:
+            self.holds_slot = False
+            try:
+                await self.services.user_connections.release(conn.user_id, str(conn.id))
+            except Exception as exc:  # its entry expires with the process's next refresh
+                log.warning("could not release connection slot of %s: %s", conn.user_id, exc)
+
+    def _over_rate(self, conn: Connection) -> bool:
+        """Over WS_CLIENT_RATE: the frame is dropped with an error; 100 drops a minute close it (4029)."""
+        rates = self.services.rate_limits
+        if rates.frame_allowed(conn.id):
+            return False
+        stats = self.services.stats
+        if not rates.drop_allowed(conn.id):
+            stats.limit_refusals["client_rate_close"] += 1
+            lifecycle(logging.INFO, "rate limit close", conn=conn.id, user=conn.user_id, client=conn.client)
+            conn.close_reason = "rate limit"
+            conn.cut(protocol.CLOSE_RATE_LIMITED, protocol.RATE_LIMITED)
+            return True
+        stats.limit_refusals["client_rate"] += 1
+        if not self.rate_logged:
+            self.rate_logged = True
+            lifecycle(logging.INFO, "rate limited", conn=conn.id, user=conn.user_id, client=conn.client)
+        conn.send_text(protocol.error(protocol.RATE_LIMITED))
+        return True
+
     async def on_receive(self, websocket: WebSocket, data: Any) -> None:
         conn = self.conn
         assert conn is not None
+        if self._over_rate(conn):
+            return
         try:
             frame = protocol.parse_frame(data)
         except protocol.FrameError:
@@ -173,6 +243,7 @@ class FonanaEndpoint(WebSocketEndpoint):
         if conn is None:
             return
         await self.services.hub.remove_connection(conn)
+        await self._release(conn)
         lifecycle(
             logging.INFO,
             "disconnected",

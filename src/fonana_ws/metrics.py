@@ -57,6 +57,21 @@ AUTH_CAUSES = (
     "database",
 )
 CHANNEL_TYPES = tuple(ID_FIELDS)
+#: Refusals by a limit (``Stats.limit_refusals``), reported from zero so that rate() works.
+LIMIT_CAUSES = (
+    "origin",
+    "connect_rate",
+    "user_connections",
+    "client_rate",
+    "client_rate_close",
+    "handshake_timeout",
+    "head_timeout",
+    "body_timeout",
+    "url_too_long",
+    "headers_too_large",
+    "body_too_large",
+    "slow_consumer_pongs",
+)
 
 
 class LatencyHistogram:
@@ -125,6 +140,8 @@ def snapshot(services: Services) -> dict[str, Any]:
     subscribes = dict.fromkeys(CHANNEL_TYPES, 0)
     subscribes.update(stats.subscriptions)
     hist = publish_latency(stats)
+    limit_refusals = dict.fromkeys(LIMIT_CAUSES, 0)
+    limit_refusals.update(stats.limit_refusals)
     return {
         "connections": len(hub.connections),
         # A leak shows here first (the churn soak watches it): every task of this process's loop.
@@ -147,6 +164,7 @@ def snapshot(services: Services) -> dict[str, Any]:
             "events_delivered": stats.deliveries,
             "bad_envelopes": stats.bad_envelopes,
             "slow_consumer_disconnects": stats.slow_consumer_disconnects,
+            "limit_refusals": limit_refusals,
         },
         "publish_seconds": {
             "count": hist.count,
@@ -230,6 +248,14 @@ class FonanaCollector(Collector):
             p + "slow_consumer_disconnects",
             "Connections cut (close 1013) because their backlog passed WS_SEND_BUFFER.",
             totals["slow_consumer_disconnects"],
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                p + "limit_refusals",
+                "Connections, requests and frames refused by a limit (protocol §7.5), by cause.",
+                labels=["cause"],
+            ),
+            totals["limit_refusals"],
         )
         up = GaugeMetricFamily(p + "broker_up", "1 when the broker is reachable, else 0.", labels=["broker"])
         up.add_metric([snap["broker"]["kind"]], 1 if snap["broker"]["up"] else 0)
@@ -322,7 +348,11 @@ async def start_metrics_server(
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror}") from None
-    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False)
+    from .http_edge import EdgeHttpProtocol
+
+    config = uvicorn.Config(
+        app, lifespan="off", log_config=None, access_log=False, http=EdgeHttpProtocol, ws="none"
+    )
     server = _QuietServer(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:

@@ -12,6 +12,7 @@ from uvicorn.supervisors import Multiprocess
 
 from .app import FonanaApp, create_app, prepare_embedded
 from .config import ConfigError, Settings, load_settings
+from .http_edge import EdgeHttpProtocol
 from .logs import configure_logging
 from .wire import FonanaWSProtocol
 
@@ -33,7 +34,8 @@ def uvicorn_config(settings: Settings, workers: int = 1) -> uvicorn.Config:
         # Its zlib state alone would dwarf a connection's memory; off unless asked for.
         ws_per_message_deflate=settings.per_message_deflate,
         loop="uvloop",
-        http="httptools",
+        # Both read their limits from the app's settings (picklable for --workers: no class per setting).
+        http=EdgeHttpProtocol,
         lifespan="on",
         timeout_graceful_shutdown=settings.shutdown_timeout,
         log_config=None,

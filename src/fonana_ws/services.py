@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .admission import RateLimits
 from .broker import Broker
 from .config import Settings
 from .db import Store
@@ -21,5 +22,8 @@ class Services:
     hub: Hub
     publisher: Publisher
     stats: Stats
+    rate_limits: RateLimits
+    #: Each user's connections across processes (``user_connections.UserConnections``).
+    user_connections: Any
     #: (server, task) of the METRICS_PORT listener, when one is configured.
     metrics_server: Any = None

@@ -18,6 +18,8 @@ class Stats:
     publish_failures: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     subscriptions: Counter[str] = field(default_factory=Counter)
+    #: Refusals by the limits of protocol §7.5 and the edge (cause -> count).
+    limit_refusals: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

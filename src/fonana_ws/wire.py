@@ -11,6 +11,7 @@ uvicorn, and a test checks that the path is really taken.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from typing import Any
 
@@ -18,6 +19,10 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.protocol import Protocol, State
 
 EXTENSION = "fonana.wire"
+#: How long a closing socket may take to read our close frame before it is aborted.
+CLOSE_GRACE = 1.0
+
+log = logging.getLogger("fonana_ws.connection")
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -69,16 +74,11 @@ class Wire:
 
         For a peer that stopped reading, waiting for the buffer to drain would never end.
         """
-        p = self._protocol
-        if p.disconnected or p.close_sent:
-            return
-        if p.conn.state is State.OPEN:  # the peer may have started closing: then no close frame from us
-            p.conn.send_close(code, reason)
-            p.transport.write(b"".join(p.conn.data_to_send()))
-        p.close_sent = True
-        p.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-        p.stop_keepalive()
-        p.loop.call_later(1.0, p.transport.abort)
+        self._protocol.cut(code, reason)
+
+    def authenticated(self) -> None:
+        """The connection passed authentication: the handshake deadline no longer applies."""
+        self._protocol.cancel_deadline()
 
 
 def _open(p: WebSocketsSansIOProtocol) -> bool:
@@ -153,16 +153,134 @@ class Flag:
 
 
 class FonanaWSProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, plus the ``fonana.wire`` scope extension, kept lean.
+    """uvicorn's websockets-sansio protocol, plus the ``fonana.wire`` scope extension, kept lean and bounded.
 
     An idle connection is what a real-time server holds most of, so what the handshake leaves behind
     (request, response, their headers) is dropped once the socket is accepted.
+
+    Every byte this protocol writes on its own (pongs, close frames, handshake refusals) counts against
+    ``send_limit`` like the app's frames do: a client that sends pings and never reads the pongs is cut
+    with 1013 instead of growing the transport's buffer without end. A socket that is closing is aborted
+    ``CLOSE_GRACE`` after our close frame, whatever the peer does, so a refused or cut socket cannot stay
+    to make the server hold its data.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._abort: asyncio.TimerHandle | None = None
+
+    # Deadlines
+
+    def arm_deadline(self, when: float) -> None:
+        """Drop the socket at loop time ``when`` unless the app authenticated it by then."""
+        self._deadline = self.loop.call_at(when, self._deadline_passed)
+
+    def cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        if not self.disconnected:
+            count_refusal(self, "handshake_timeout")
+            log.info("dropped client=%s cause=handshake_timeout", self.client[0] if self.client else "-")
+            self.stop_keepalive()
+            self.transport.abort()
+
+    def _abort_soon(self) -> None:
+        """A closing transport waits for its buffer to drain; a peer that does not read would keep it."""
+        if self._abort is None and not self.disconnected:
+            self._abort = self.loop.call_later(CLOSE_GRACE, self._abort_now)
+
+    def _abort_now(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_deadline()
+        if self._abort is not None:
+            self._abort.cancel()
+            self._abort = None
+        super().connection_lost(exc)
+
+    # Bounded writes
+
+    def cut(self, code: int, reason: str) -> None:
+        """Close from the server side without waiting for the peer (see ``Wire.cut``)."""
+        if self.disconnected or self.close_sent:
+            return
+        self.cancel_deadline()
+        if not self.handshake_complete:
+            self.transport.abort()
+            return
+        if self.conn.state is State.OPEN:  # the peer may have started closing: then no close frame from us
+            self.conn.send_close(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.stop_keepalive()
+        # The peer's close reply ends it at once (uvicorn's handle_close closes on close_timer).
+        self.close_timer = self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+
+    def _over_limit(self) -> bool:
+        if self.disconnected:
+            return False
+        services = services_of(self)
+        limit = services.settings.send_buffer if services is not None else 1 << 20
+        return self.transport.get_write_buffer_size() > limit
+
+    def handle_ping(self) -> None:
+        if self.close_sent or not self.handshake_complete:
+            self.conn.data_to_send()  # no pong to a socket we are closing, or before our 101
+            return
+        super().handle_ping()
+        if self._over_limit():
+            count_refusal(self, "slow_consumer_pongs")
+            log.info("slow consumer cut client=%s cause=unread_pongs", self.client[0] if self.client else "-")
+            self.cut(1013, "Slow consumer: outbound buffer full")
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        conn = self.conn
+        if not self.handshake_initiated and conn.handshake_exc is not None and not self.disconnected:
+            # websockets built a 414/431 for a request line or headers it will not parse; uvicorn never
+            # writes it (it only answers requests that parsed).
+            self.close_sent = True
+            self.handshake_complete = True
+            self.transport.write(b"".join(conn.data_to_send()))
+            self.transport.close()
+        if self.transport.is_closing():
+            self._abort_soon()
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        self._abort_soon()
+
+    def send_receive_event_to_app(self) -> None:
+        """uvicorn's, but invalid UTF-8 from a client is a one-line record, not an ERROR with a traceback."""
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return
+        if self.curr_msg_data_type == "text":
+            try:
+                message = {"type": "websocket.receive", "text": data.decode()}
+            except UnicodeDecodeError:
+                log.info("protocol error client=%s: invalid UTF-8 in a text frame, closed 1007", self.client)
+                self.conn.send_close(1007, "Invalid UTF-8")
+                self.handle_parser_exception()
+                self._abort_soon()
+                return
+        else:
+            message = {"type": "websocket.receive", "bytes": data}
+        self.queue.put_nowait(message)  # type: ignore[arg-type]
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -198,3 +316,26 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
                 # frames before it has our 101.
                 conn.parser = Protocol.parse(conn)
                 next(conn.parser)
+        elif message["type"] == "websocket.close" and self.close_timer is not None:
+            # uvicorn waits 10 s for the peer's close reply, then close() waits for the buffer to drain.
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(CLOSE_GRACE, self.transport.abort)
+
+
+def services_of(protocol: Any) -> Any:
+    """The ``Services`` of the app a uvicorn protocol serves (its settings and stats), or None.
+
+    Read from the app rather than set on the class: in-process servers with other settings share the
+    class, and ``--workers`` pickles the class by name.
+    """
+    app = getattr(protocol, "app", None)
+    while app is not None and not hasattr(app, "state"):
+        app = getattr(app, "app", None)
+    return getattr(getattr(app, "state", None), "services", None)
+
+
+def count_refusal(protocol: Any, cause: str) -> None:
+    """Count a refusal made below the app in the app's ``Stats`` (``limit_refusals``)."""
+    services = services_of(protocol)
+    if services is not None:
+        services.stats.limit_refusals[cause] += 1
