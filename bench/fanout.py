@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fan-out benchmark for any server that speaks the Fonana real-time protocol.
 
-Drives one or more targets (fonana-ws, the Node.js peer in /work/shared/bench-peer, ...) over loopback and
+Drives one or more targets (fonana-ws, a Node.js peer given with --peer-src, ...) over loopback and
 measures: sustainable deliveries/s, latency at a fixed rate, server CPU per delivery, server memory per
 idle authenticated connection, and connections per second. See bench/README.md.
 
@@ -43,9 +43,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 EVENT_SIZE = 256
 GEN_SATURATED = 0.85  # share of the generator's cores above which its numbers are suspect
 NOISY = 0.10  # CPU of foreign processes (cores) above which a measurement is flagged as disturbed
-PEER_SRC = Path(
-    os.environ.get("BENCH_PEER_SRC", Path(__file__).resolve().parents[2] / "shared" / "bench-peer")
-)
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 _loads = orjson.loads
@@ -1538,9 +1535,16 @@ class Peer:
         self.logf = None
 
     def prepare(self) -> None:
+        if not self.a.peer_src:
+            raise SystemExit(
+                "--spawn-peer needs --peer-src DIR (or BENCH_PEER_SRC): the peer's server.js folder"
+            )
+        peer_src = Path(self.a.peer_src)
+        if not (peer_src / "server.js").is_file():
+            raise SystemExit(f"--peer-src {peer_src}: no server.js there")
         self.dir.mkdir(parents=True, exist_ok=True)
         for name in ("server.js", "package.json", "README.md"):
-            src = PEER_SRC / name
+            src = peer_src / name
             dst = self.dir / name
             if src.exists() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
                 if dst.exists():
@@ -1894,6 +1898,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="BROADCAST_URL for --spawn-ours (e.g. redis://127.0.0.1:6379/0)",
     )
     g.add_argument("--peer-port", type=int, default=8101, help="port of the spawned peer")
+    g.add_argument(
+        "--peer-src",
+        default=os.environ.get("BENCH_PEER_SRC"),
+        help="the Node.js peer's source folder (server.js, package.json), e.g. the team's bench-peer",
+    )
     g.add_argument(
         "--peer-dir", default="/tmp/fonana-bench-peer", help="where the peer is copied and installed"
     )

@@ -1,7 +1,7 @@
 """A direct write path for outgoing frames, offered to the app through the ASGI scope.
 
 uvicorn's ASGI ``send`` costs ~10 µs of Python per frame; writing a pre-built frame to the transport
-costs ~3 µs (../shared/perf-notes.md). ``FonanaWSProtocol`` is uvicorn's websockets-sansio protocol plus
+costs ~3 µs (docs/perf-facts.md). ``FonanaWSProtocol`` is uvicorn's websockets-sansio protocol plus
 one scope extension, ``fonana.wire``: a ``Wire`` that writes whole, pre-encoded text frames, reports the
 transport's write buffer (uvicorn's own flow control is bypassed, so the hub must watch it), and can cut a
 connection without waiting for a peer that stopped reading. It leans on uvicorn internals; pyproject pins
