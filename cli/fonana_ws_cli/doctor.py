@@ -281,6 +281,13 @@ async def run_checks(report: Report, wait: float) -> None:
         report.add("settings", FAIL, f"{exc.filename or ''}: {exc.strerror or exc}")
         return
     check_api_key(report, settings, raw_key)
+    if settings.conformance_echo:
+        report.add(
+            "echo path",
+            WARN,
+            "WS_CONFORMANCE_ECHO is on: /conformance/echo echoes whatever any authenticated user sends "
+            "(for Autobahn Testsuite only; turn it off outside tests)",
+        )
     check_dev_files(report, settings)
     await check_database(report, settings, wait)
     await check_broker(report, settings, wait)

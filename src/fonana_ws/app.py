@@ -125,12 +125,19 @@ class FonanaApp:
                 scope["app"] = self.app
                 await FonanaEndpoint(scope, receive, send)
                 return
-            if path == CONFORMANCE_PATH and self.echo:
-                from .conformance import EchoEndpoint
+            if path == CONFORMANCE_PATH:
+                if self.echo:
+                    from .conformance import EchoEndpoint
 
-                scope["app"] = self.app
-                await EchoEndpoint(scope, receive, send)
-                return
+                    scope["app"] = self.app
+                    await EchoEndpoint(scope, receive, send)
+                    return
+                if "websocket.http.response" in scope.get("extensions", {}):
+                    # Off: a plain 404 (Starlette's router would refuse the upgrade, which is a 403).
+                    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"9")]
+                    await send({"type": "websocket.http.response.start", "status": 404, "headers": headers})
+                    await send({"type": "websocket.http.response.body", "body": b"Not Found"})
+                    return
         await self.app(scope, receive, send)
 
 

@@ -19,11 +19,11 @@ from typing import Any
 from starlette.websockets import WebSocket
 
 from .protocol import CLOSE_SLOW_CONSUMER
-from .wire import EXTENSION, Wire, text_frame
+from .wire import EXTENSION, Wire, binary_frame, text_frame
 
 log = logging.getLogger("fonana_ws.connection")
 _ids = itertools.count(1)
-_EMPTY: deque[str] = deque(maxlen=0)
+_EMPTY: deque[str | bytes] = deque(maxlen=0)
 #: Multi-target event ids each connection remembers (see ``seen_multi``).
 RECENT_MULTI = 32
 
@@ -100,7 +100,7 @@ class Connection:
         self._limit = limit
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._queue: deque[str] = _EMPTY
+        self._queue: deque[str | bytes] = _EMPTY
         self._queue_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -115,8 +115,12 @@ class Connection:
         """True when frames go straight to the transport (the fast path)."""
         return self._wire is not None
 
-    def send(self, text: str, wire: bytes) -> None:
-        """Queue one pre-built frame. Never blocks; a connection over its limit is cut instead."""
+    def send(self, text: str | bytes, wire: bytes) -> None:
+        """Queue one pre-built frame. Never blocks; a connection over its limit is cut instead.
+
+        ``text`` is the payload for the path without direct writes: a str goes as a text frame, bytes
+        as a binary one.
+        """
         if self.closed:
             return
         if self._wire is not None:
@@ -159,6 +163,10 @@ class Connection:
         """Queue a control frame (a reply to this client only)."""
         self.send(text, text_frame(text.encode()))
 
+    def send_binary(self, data: bytes) -> None:
+        """Queue a binary frame (the conformance echo's; the protocol itself sends text only)."""
+        self.send(data, binary_frame(data))
+
     def flush(self) -> None:
         """Write what is pending in one write; cut the connection if the kernel stopped taking it."""
         if not self._pending or self.closed:
@@ -173,7 +181,7 @@ class Connection:
             self._slow()
 
     async def _write_loop(self) -> None:
-        send = self._websocket.send_text
+        send_text, send_bytes = self._websocket.send_text, self._websocket.send_bytes
         queue = self._queue
         loop = asyncio.get_running_loop()
         try:
@@ -182,9 +190,12 @@ class Connection:
                     self._waiter = loop.create_future()
                     await self._waiter
                     self._waiter = None
-                text = queue.popleft()
-                self._queue_bytes -= len(text)
-                await send(text)
+                item = queue.popleft()
+                self._queue_bytes -= len(item)
+                if isinstance(item, str):
+                    await send_text(item)
+                else:
+                    await send_bytes(item)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the socket went away under us; the endpoint sees the disconnect

@@ -16,7 +16,9 @@ import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Opcode
 from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
 
 EXTENSION = "fonana.wire"
 #: How long a closing socket may take to read our close frame before it is aborted.
@@ -152,6 +154,19 @@ class Flag:
         return True
 
 
+class _ServerProtocol(ServerProtocol):
+    """websockets' server protocol, with a close in the middle of a fragmented message ending it normally.
+
+    RFC 6455 §5.4 lets control frames arrive between fragments; websockets answers a close there with
+    1002 ("incomplete fragmented message") where the peer's own code should be echoed (Autobahn 7.1.5).
+    """
+
+    def recv_frame(self, frame: Any) -> None:
+        if frame.opcode is Opcode.CLOSE and self.current_size is not None:
+            self.current_size = None  # the unfinished message is dropped with the connection
+        super().recv_frame(frame)
+
+
 class FonanaWSProtocol(WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol, plus the ``fonana.wire`` scope extension, kept lean and bounded.
 
@@ -167,6 +182,7 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.conn.__class__ = _ServerProtocol  # same state, one method more (uvicorn builds the object)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self._deadline: asyncio.TimerHandle | None = None
