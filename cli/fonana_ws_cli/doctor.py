@@ -260,6 +260,22 @@ async def check_port(report: Report, settings: Settings, wait: float) -> None:
         report.add("port", FAIL, f"{host}:{port} is in use by another program (no fonana-ws /health there)")
 
 
+def check_limits(report: Report, settings: Settings) -> None:
+    """A production setup (the web app's database) should bound upgrades per address and origins."""
+    if settings.embedded:
+        return
+    missing = []
+    if not settings.connect_rate:
+        missing.append("WS_CONNECT_RATE (e.g. 30/10 seconds: upgrades per client address)")
+    if not settings.allowed_origins:
+        missing.append("WS_ALLOWED_ORIGINS (e.g. https://fonana.me: browsers of other sites refused)")
+    if missing:
+        report.add("limits", WARN, "not set on a production setup: " + "; ".join(missing))
+    else:
+        origins = ", ".join(settings.allowed_origins)
+        report.add("limits", OK, f"connect rate {settings.connect_rate} per address, origins {origins}")
+
+
 async def run_checks(report: Report, wait: float) -> None:
     environ, dotenv = layered_env()
     raw_db = environ.get("DATABASE_URL") or dotenv.get("DATABASE_URL") or ""
@@ -288,6 +304,7 @@ async def run_checks(report: Report, wait: float) -> None:
             "WS_CONFORMANCE_ECHO is on: /conformance/echo echoes whatever any authenticated user sends "
             "(for Autobahn Testsuite only; turn it off outside tests)",
         )
+    check_limits(report, settings)
     check_dev_files(report, settings)
     await check_database(report, settings, wait)
     await check_broker(report, settings, wait)
