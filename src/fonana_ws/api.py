@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from .broker import BrokerUnavailable, PayloadTooLarge
+from .protocol import MAX_EVENT_DEPTH, nested_deeper_than
 from .publisher import PublishError
 from .services import Services
 
 log = logging.getLogger("fonana_ws.api")
 
-#: The largest publish body accepted; the PostgreSQL broker carries anything up to this.
-MAX_BODY = 1 << 20
+#: How deep a request body may nest. Above what an event may (fields of the typed endpoints sit a level
+#: or two down in their event, which then gets the precise "event is nested deeper" answer) and far
+#: below the 254 levels orjson encodes, so nothing parsed can fail later when it is encoded.
+MAX_BODY_DEPTH = 2 * MAX_EVENT_DEPTH
 
 
 def services(request: Request) -> Services:
@@ -40,15 +44,67 @@ def check_api_key(request: Request) -> JSONResponse | None:
     return None
 
 
-async def read_json(request: Request) -> Any:
-    """The JSON body, or raise ``PublishError`` naming what is wrong with it."""
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise PublishError(f"body is larger than {MAX_BODY} bytes")
+class BodyRefused(Exception):
+    """The body was not read to its end: too large (413), too slow (408), or the client went away."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> JSONResponse:
+        # Answered while the client may still be sending. The connection is not closed at once: closing
+        # a socket with unread bytes resets it, and the reset can destroy the answer before the client
+        # reads it. uvicorn discards the rest of the body unbuffered, the edge's body deadline
+        # (WS_BODY_TIMEOUT + 1 s from the headers, http_edge) ends a body that does not end, and a client
+        # that waited for ``100 Continue`` (curl above 1 MB) gets the answer and sends nothing.
+        return JSONResponse({"error": str(self)}, status_code=self.status)
+
+
+async def read_body(request: Request) -> bytes:
+    """The whole body, at most ``WS_MAX_EVENT_SIZE`` bytes within ``WS_BODY_TIMEOUT`` seconds.
+
+    A declared ``Content-Length`` over the limit is refused before a byte of the body is read (a client
+    that waits for ``100 Continue`` never sends it); a body that turns out longer (chunked, or more than
+    it declared) is refused as soon as the count passes the limit, so no more than the limit plus one
+    chunk is ever held. Raises ``BodyRefused``.
+    """
+    settings = services(request).settings
+    limit = settings.max_event_size
     try:
-        return orjson.loads(body)
+        declared = int(request.headers.get("content-length", "0"))
+    except ValueError:  # httptools refuses such a request before it gets here
+        declared = 0
+    if declared > limit:
+        raise BodyRefused(413, f"body is larger than {limit} bytes (Content-Length {declared})")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefused(413, f"body is larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyRefused(408, f"body not received within {settings.body_timeout:g} seconds") from None
+    except ClientDisconnect:
+        raise BodyRefused(400, "the client went away before its body was in") from None
+    return b"".join(chunks)
+
+
+async def read_json(request: Request) -> Any:
+    """The JSON body of every route that reads one.
+
+    Raises ``BodyRefused`` (see :func:`read_body`), or ``PublishError`` naming what is wrong with it.
+    """
+    body = await read_body(request)
+    try:
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise PublishError("body is not valid JSON") from None
+    if nested_deeper_than(value, MAX_BODY_DEPTH):
+        raise PublishError(f"body is nested deeper than {MAX_BODY_DEPTH} levels")
+    return value
 
 
 async def publish_and_answer(
@@ -56,6 +112,8 @@ async def publish_and_answer(
 ) -> Response:
     """Publish through the process's publisher and map each failure to its HTTP answer."""
     svc = services(request)
+    if nested_deeper_than(event, MAX_EVENT_DEPTH):
+        return problem(400, f"event is nested deeper than {MAX_EVENT_DEPTH} levels")
     try:
         event_id = await svc.publisher.publish(event, channels=channels, users=users, event_id=event_id)
     except PublishError as exc:
@@ -74,6 +132,8 @@ async def publish(request: Request) -> Response:
         return denied
     try:
         body = await read_json(request)
+    except BodyRefused as exc:
+        return exc.response()
     except PublishError as exc:
         return problem(400, str(exc))
     if not isinstance(body, dict):

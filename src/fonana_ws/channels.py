@@ -46,13 +46,26 @@ def channel_type(key: str) -> str:
 
 
 async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
-    """The access policy: may ``user_id`` join the channel ``key``?"""
+    """The access policy: may ``user_id`` join the channel ``key``?
+
+    A post's answer, yes or no, is remembered in ``store.access`` for a few seconds (``AccessCache``): a
+    client repeating a subscribe costs the database one check per TTL. Failures are not remembered.
+    """
     kind, ident = parse_key(key)
     if kind in ("notifications", "feed"):
         return ident == user_id
     if kind == "creator":
         return True
-    post = await store.get_post(ident)
+    cached = store.access.get(user_id, key)
+    if cached is not None:
+        return cached
+    allowed = await _may_see_post(store, user_id, ident)
+    store.access.put(user_id, key, allowed)
+    return allowed
+
+
+async def _may_see_post(store: Store, user_id: str, post_id: str) -> bool:
+    post = await store.get_post(post_id)
     if post is None:
         return False
     creator = str(post["creatorId"])
@@ -62,4 +75,4 @@ async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
         return True
     if await store.has_active_subscription(user_id, creator):
         return True
-    return await store.has_purchase(user_id, ident)
+    return await store.has_purchase(user_id, post_id)

@@ -34,6 +34,7 @@ from .db import Store
 from .db import notifications as sql
 from .db.schema import NOTIFICATION_TYPES
 from .db.store import iso, utcnow
+from .protocol import MAX_EVENT_DEPTH, nested_deeper_than
 from .publisher import Publisher, PublishError
 
 __all__ = [
@@ -94,6 +95,8 @@ def _timestamp(name: str, value: Any) -> str:
 
 
 def _json(name: str, value: Any) -> Any:
+    if nested_deeper_than(value, MAX_EVENT_DEPTH):
+        raise PublishError(f"{name} is nested deeper than {MAX_EVENT_DEPTH} levels")
     try:
         orjson.dumps(value)
     except TypeError:
@@ -339,6 +342,8 @@ class Events:
         return cls(services.publisher, services.store)
 
     async def emit(self, emission: Emission) -> Emission:
+        if nested_deeper_than(emission.event, MAX_EVENT_DEPTH):
+            raise PublishError(f"event is nested deeper than {MAX_EVENT_DEPTH} levels")
         event_id = await self.publisher.publish(
             emission.event, channels=emission.channels, users=emission.users
         )

@@ -6,7 +6,9 @@ prepares the event); the request validation, the OpenAPI document at ``GET /api/
 
 Answers: 202 ``{"ok", "id", "channels", "users", "event"}``; 400 with ``error`` naming the field; 401/403
 for the API key (as ``/api/publish``); 404 when a referenced user, post or notification does not exist;
-409 for a notification id of another user; 413/503 from the broker; 503 when the database fails.
+409 for a notification id of another user; 413 for a body over ``WS_MAX_EVENT_SIZE`` (refused unread)
+or an event the broker cannot carry; 408 for a body not in within ``WS_BODY_TIMEOUT``; 503 from the
+broker, and when the database fails.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import events as ev
-from .api import check_api_key, problem, publish_and_answer, read_json, services
+from .api import BodyRefused, check_api_key, problem, publish_and_answer, read_json, services
 from .db import Store
 from .db.schema import NOTIFICATION_TYPES
 from .publisher import PublishError
@@ -346,6 +348,8 @@ def _handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
             return denied
         try:
             emission = await prepare(endpoint, services(request).store, await read_json(request))
+        except BodyRefused as exc:
+            return exc.response()
         except PublishError as exc:
             return problem(400, str(exc))
         except ev.NotFound as exc:
@@ -377,7 +381,8 @@ def _answers(*codes: str) -> dict[str, Any]:
         "403": "publishing over HTTP is disabled (WS_API_KEY is not set)",
         "404": "a referenced user, post or notification does not exist",
         "409": "the notification id belongs to another user",
-        "413": "the event is larger than the broker carries",
+        "408": "the body did not arrive within WS_BODY_TIMEOUT seconds",
+        "413": "the body is larger than WS_MAX_EVENT_SIZE, or the event than the broker carries",
         "503": "the broker or the database is unavailable",
     }
     out: dict[str, Any] = {
@@ -426,7 +431,7 @@ def openapi_document() -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": _answers("400", "401", "403", "413", "503"),
+                "responses": _answers("400", "401", "403", "408", "413", "503"),
             }
         }
     }
@@ -441,9 +446,9 @@ def openapi_document() -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": e.schema(), "example": e.example}},
                 },
-                "responses": _answers("400", "401", "403", "404", "409", "413", "503")
+                "responses": _answers("400", "401", "403", "404", "408", "409", "413", "503")
                 if e.name == "notification"
-                else _answers("400", "401", "403", "404", "413", "503"),
+                else _answers("400", "401", "403", "404", "408", "413", "503"),
             }
         }
     return {

@@ -12,23 +12,43 @@ def peer_host(scope: dict[str, Any]) -> str:
     return client[0] if client else ""
 
 
+def forwarded_hops(scope: dict[str, Any]) -> list[str] | None:
+    """The addresses of every ``X-Forwarded-For`` header in order, or None when there is none or any
+    hop is not an IP address (then nothing in the header can be trusted: it is ignored)."""
+    values = [value for name, value in scope.get("headers", []) if name == b"x-forwarded-for"]
+    if not values:
+        return None
+    hops = []
+    for value in values:
+        for hop in value.decode("latin-1").split(","):
+            hop = hop.strip()
+            if not hop:
+                continue
+            try:
+                hops.append(str(ipaddress.ip_address(hop)))
+            except ValueError:
+                return None
+    return hops or None
+
+
 def client_address(scope: dict[str, Any], trusted: Iterable[str]) -> str:
     """The client's address: the peer's, or, when the peer is a trusted proxy, from X-Forwarded-For.
 
-    The rightmost address not itself a trusted proxy is the one the nearest trusted proxy saw.
+    The rightmost address not itself a trusted proxy is the one the nearest trusted proxy saw. A header
+    with anything but IP addresses in it (``6.6.6.6 user=x``, ``unknown``, a port) is ignored, so what is
+    returned is always the peer's address or a valid IP address.
     """
     trusted = set(trusted)
     host = peer_host(scope)
     if host not in trusted:
         return host
-    for name, value in scope.get("headers", []):
-        if name == b"x-forwarded-for":
-            hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
-            for hop in reversed(hops):
-                if hop not in trusted:
-                    return hop
-            return hops[0] if hops else host
-    return host
+    hops = forwarded_hops(scope)
+    if hops is None:
+        return host
+    for hop in reversed(hops):
+        if hop not in trusted:
+            return hop
+    return hops[0]
 
 
 def is_loopback(host: str) -> bool:

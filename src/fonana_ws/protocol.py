@@ -22,6 +22,12 @@ CLOSE_TOO_MANY_CONNECTIONS = 4008
 CLOSE_RATE_LIMITED = 4029
 RATE_LIMITED = "Rate limit exceeded"
 
+#: How deep a client frame may nest (a CHANNEL object needs 2: the frame and the channel).
+MAX_FRAME_DEPTH = 32
+#: How deep an event may nest. orjson parses 1024 levels but encodes only 254: without a limit, a value
+#: between the two fails only when it is sent (an HTTP 500, a WebSocket dropped mid-reply).
+MAX_EVENT_DEPTH = 64
+
 
 class FrameError(ValueError):
     """The frame is not one the protocol knows; answered with ``Invalid message format``."""
@@ -33,6 +39,29 @@ class ClientFrame:
     channel: Any = None
 
 
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Do objects and lists nest more than ``limit`` levels (``{}`` is 1, a scalar 0)?
+
+    Iterative, so a value deep enough to break a recursive walk (or orjson's encoder) is measured all the
+    same; a flat object costs one pass over its values.
+    """
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        for child in children:
+            if isinstance(child, dict | list | tuple):
+                stack.append((child, depth + 1))
+    return False
+
+
 def parse_frame(text: str | bytes) -> ClientFrame:
     """Parse a client frame; raise ``FrameError`` for anything but a known, well-formed one."""
     try:
@@ -41,6 +70,8 @@ def parse_frame(text: str | bytes) -> ClientFrame:
         raise FrameError("not JSON") from None
     if not isinstance(data, dict):
         raise FrameError("not a JSON object")
+    if nested_deeper_than(data, MAX_FRAME_DEPTH):
+        raise FrameError(f"nested deeper than {MAX_FRAME_DEPTH} levels")
     kind = data.get("type")
     if kind == "ping":
         return ClientFrame("ping")
@@ -71,11 +102,16 @@ def unsubscribed(channel: Any, key: str) -> str:
 
 
 def error(message: str, channel: Any = None, **extra: Any) -> str:
+    """An error frame; it echoes ``channel`` only when that can be encoded (never raises for it)."""
     data: dict[str, Any] = {"message": message}
-    if channel is not None:
+    if channel is not None and not nested_deeper_than(channel, MAX_FRAME_DEPTH):
         data["channel"] = channel
     data.update(extra)
-    return dumps({"type": "error", "data": data})
+    try:
+        return dumps({"type": "error", "data": data})
+    except TypeError:  # orjson.JSONEncodeError: a value JSON has no form for
+        data.pop("channel", None)
+        return dumps({"type": "error", "data": data})
 
 
 def unread_notifications(notifications: list[dict[str, Any]]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,16 +84,73 @@ def notification_row(row: Any) -> dict[str, Any]:
     }
 
 
+class AccessCache:
+    """Access decisions, allowed and denied, remembered for ``ttl`` seconds: ``(user, key) -> bool``.
+
+    A subscribe to a post costs up to three queries (post, subscription, purchase) and a client may send
+    the same one again and again; with this, the same user and key cost one round per ``ttl`` whatever
+    the rate. The price is that a change of access (a purchase, a cancelled subscription) reaches new
+    subscribes up to ``ttl`` seconds late. Every entry lives ``ttl`` seconds, so insertion order is expiry
+    order: at ``size`` entries the oldest (the next to expire) goes first.
+    """
+
+    def __init__(self, ttl: float = 5.0, size: int = 10_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        #: (user, key) -> (monotonic expiry, allowed), oldest first.
+        self._entries: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user_id: str, key: str) -> bool | None:
+        """The remembered decision, or None when there is none (or it expired)."""
+        entry = self._entries.get((user_id, key))
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._entries[(user_id, key)]
+            return None
+        return entry[1]
+
+    def put(self, user_id: str, key: str, allowed: bool) -> None:
+        if self.ttl <= 0 or self.size <= 0:
+            return
+        entry = (user_id, key)
+        self._entries.pop(entry, None)
+        self._entries[entry] = (time.monotonic() + self.ttl, allowed)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, user_id: str | None = None) -> None:
+        """Drop the decisions about one user (all of them without ``user_id``)."""
+        if user_id is None:
+            self._entries.clear()
+            return
+        for entry in [e for e in self._entries if e[0] == user_id]:
+            del self._entries[entry]
+
+
 class Store:
     """The server's view of the web app's database."""
 
-    def __init__(self, url: str, *, user_cache_ttl: float = 60.0, user_cache_size: int = 100_000) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        user_cache_ttl: float = 60.0,
+        user_cache_size: int = 100_000,
+        access_cache_ttl: float = 5.0,
+        access_cache_size: int = 10_000,
+    ) -> None:
         self.url = url
         self.db = databases.Database(url)
         self._user_ttl = user_cache_ttl
         self._user_cache_size = user_cache_size
         #: user id -> monotonic time until which it is known to exist (positive answers only).
         self._known_users: dict[str, float] = {}
+        #: Access decisions of ``channels.may_subscribe`` (0 s: every subscribe asks the database).
+        self.access = AccessCache(access_cache_ttl, access_cache_size)
         #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
         self.q: Queries = self.db
 
