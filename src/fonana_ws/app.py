@@ -34,7 +34,7 @@ def build_services(settings: Settings) -> Services:
         store=Store(settings.database_url, user_cache_ttl=settings.user_cache_ttl),
         broker=broker,
         hub=Hub(broker, stats),
-        publisher=Publisher(broker, stats),
+        publisher=Publisher(broker, stats, max_event_size=settings.max_event_size),
         stats=stats,
         rate_limits=RateLimits(settings),
         user_connections=user_connections.for_settings(settings),

@@ -443,7 +443,7 @@ async def connect_events(settings: Settings | None = None) -> AsyncIterator[Even
     try:
         await broker.connect()
         try:
-            yield Events(Publisher(broker), store)
+            yield Events(Publisher(broker, max_event_size=settings.max_event_size), store)
         finally:
             await broker.disconnect()
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from urllib.parse import urlparse
 
 from broadcaster import Broadcast
@@ -90,6 +90,29 @@ class Broker:
         if not self.is_up:
             raise BrokerUnavailable("broker is down")
         await self.broadcast.publish(channel, message)
+
+    async def publish_many(self, items: Sequence[tuple[str, str]]) -> None:
+        """Publish each ``(channel, message)`` in one broker round trip: all of them, or none.
+
+        Raises ``BrokerUnavailable`` (nothing was published), or ``PayloadTooLarge`` / ``ValueError``
+        for a message the backend cannot carry (checked before anything is sent).
+        """
+        if not items:
+            return
+        if not self.is_up:
+            raise BrokerUnavailable("broker is down")
+        if len(items) == 1:
+            channel, message = items[0]
+            await self.backend.publish(channel, message)
+            return
+        many = getattr(self.backend, "publish_many", None)
+        if many is not None:
+            await many(items)
+            return
+        # broadcaster's MemoryBackend (or another without a batch): an in-process queue that cannot
+        # fail halfway.
+        for channel, message in items:
+            await self.backend.publish(channel, message)
 
     async def subscribe(self, channel: str) -> None:
         await self.backend.subscribe(channel)

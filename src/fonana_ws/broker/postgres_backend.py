@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -60,6 +60,29 @@ WITH stored AS (
 )
 SELECT pg_notify($3, '{_STORED}' || id) FROM stored
 """
+
+# Many notifications in one statement, so one round trip and one transaction: PostgreSQL delivers them at
+# COMMIT, all or none, in the order they were sent (ORDER BY: volatile functions run after the sort).
+# Rows flagged ``spill`` get their row id up front (nextval, so no join back is needed), are inserted in
+# the same statement and are notified as that id.
+_PUBLISH_MANY = f"""
+WITH items AS MATERIALIZED (
+    SELECT ord, ident, channel, message, spill,
+           CASE WHEN spill THEN nextval(pg_get_serial_sequence('fonana_ws.broker_payloads', 'id')) END AS id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
+        WITH ORDINALITY AS t(ident, channel, message, spill, ord)
+),
+stored AS (
+    INSERT INTO fonana_ws.broker_payloads (id, channel, payload)
+    SELECT id, channel, message FROM items WHERE spill
+)
+SELECT count(*) FROM (
+    SELECT pg_notify(ident, CASE WHEN spill THEN '{_STORED}' || id ELSE '{_INLINE}' || message END)
+    FROM items ORDER BY ord
+) AS sent
+"""
+# Bytes of messages per statement of a batch: far below the 1 GB limit of one value (a text[]) or message.
+_BATCH_BYTES = 64 * 1024 * 1024
 
 
 def channel_ident(channel: str) -> str:
@@ -167,13 +190,18 @@ class PostgresBackend(Supervised, BroadcastBackend):
             if channel in self._live:
                 await self._change(channel, listen=False)
 
-    async def publish(self, channel: str, message: str) -> None:
-        """NOTIFY, or raise BrokerUnavailable within ``op_timeout`` rather than drop the message."""
+    def _size(self, message: str) -> int:
+        """The message's size in bytes, after checking PostgreSQL can carry it."""
         if "\x00" in message:
             raise ValueError("PostgreSQL text cannot hold NUL characters")
         size = len(message.encode("utf-8"))
         if size > self._max_payload:
             raise PayloadTooLarge(f"{size} bytes is over the {self._max_payload} byte limit")
+        return size
+
+    async def publish(self, channel: str, message: str) -> None:
+        """NOTIFY, or raise BrokerUnavailable within ``op_timeout`` rather than drop the message."""
+        size = self._size(message)
         pool = self._pool
         if not self.is_up or pool is None:
             raise BrokerUnavailable("PostgreSQL is unreachable")
@@ -184,6 +212,44 @@ class PostgresBackend(Supervised, BroadcastBackend):
                     await pool.execute("SELECT pg_notify($1, $2)", ident, _INLINE + message)
                 else:
                     await pool.execute(_STORE_AND_NOTIFY, channel, message, ident)
+        except Exception as exc:
+            if is_down_error(exc):
+                raise BrokerUnavailable(f"PostgreSQL publish failed: {describe(exc)}") from exc
+            raise
+
+    async def publish_many(self, items: Sequence[tuple[str, str]]) -> None:
+        """Every NOTIFY in one transaction, in one statement and round trip: delivered all or none.
+
+        Messages too large to NOTIFY are stored in the same statement. A batch of more than
+        ``_BATCH_BYTES`` is sent as several statements in one explicit transaction (still all or none).
+        Raises BrokerUnavailable within ``op_timeout`` when it cannot be done; nothing was delivered then.
+        """
+        if not items:
+            return
+        batches: list[tuple[list[str], list[str], list[str], list[bool]]] = []
+        batch_bytes = 0
+        for channel, message in items:
+            size = self._size(message)
+            if not batches or (batch_bytes and batch_bytes + size > _BATCH_BYTES):
+                batches.append(([], [], [], []))
+                batch_bytes = 0
+            batch_bytes += size
+            idents, channels, messages, spills = batches[-1]
+            idents.append(channel_ident(channel))
+            channels.append(channel)
+            messages.append(message)
+            spills.append(size + len(_INLINE) >= _NOTIFY_MAX)
+        pool = self._pool
+        if not self.is_up or pool is None:
+            raise BrokerUnavailable("PostgreSQL is unreachable")
+        try:
+            async with within(self._op_timeout, f"PostgreSQL NOTIFY of {len(items)} messages"):
+                if len(batches) == 1:
+                    await pool.fetchval(_PUBLISH_MANY, *batches[0])  # its own transaction
+                else:
+                    async with pool.acquire() as conn, conn.transaction():
+                        for batch in batches:
+                            await conn.fetchval(_PUBLISH_MANY, *batch)
         except Exception as exc:
             if is_down_error(exc):
                 raise BrokerUnavailable(f"PostgreSQL publish failed: {describe(exc)}") from exc
