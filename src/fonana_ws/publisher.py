@@ -9,6 +9,7 @@ from .broker import Broker, PayloadTooLarge
 from .broker import envelope as env
 from .channels import ChannelError, parse_key
 from .metrics import timed_publish
+from .protocol import MAX_EVENT_DEPTH, nested_deeper_than
 from .stats import Stats
 
 MAX_USER_ID = 200
@@ -24,6 +25,9 @@ def validate_event(event: Any) -> dict[str, Any]:
         raise PublishError("event must be a JSON object")
     if not isinstance(event.get("type"), str) or not event["type"]:
         raise PublishError("event.type must be a non-empty string")
+    # Every path in (HTTP, Python, CLI) ends here: an event orjson could not encode never reaches it.
+    if nested_deeper_than(event, MAX_EVENT_DEPTH):
+        raise PublishError(f"event is nested deeper than {MAX_EVENT_DEPTH} levels")
     return event
 
 
