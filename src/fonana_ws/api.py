@@ -140,18 +140,20 @@ async def publish(request: Request) -> Response:
         return problem(400, "body must be a JSON object")
     if "event" not in body:
         return problem(400, "event is required")
+    # A field given must have a value (null is refused, not taken as absent: the document says so).
     channels, users = [], []
-    channel, user = body.get("channel"), body.get("user")
-    if channel is not None:
-        if not isinstance(channel, str):
+    if "channel" in body:
+        if not isinstance(body["channel"], str):
             return problem(400, "channel must be a channel key string such as post_P")
-        channels.append(channel)
-    if user is not None:
-        if not isinstance(user, str):
+        channels.append(body["channel"])
+    if "user" in body:
+        if not isinstance(body["user"], str):
             return problem(400, "user must be a user id string")
-        users.append(user)
+        users.append(body["user"])
     if not channels and not users:
         return problem(400, "channel or user is required")
+    if "id" in body and not isinstance(body["id"], str):
+        return problem(400, "id must be an event id string")
     # An id chosen by the caller makes a retry after a timeout or a 503 safe (delivered once).
     return await publish_and_answer(request, body["event"], channels, users, body.get("id"))
 

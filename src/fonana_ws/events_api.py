@@ -27,9 +27,10 @@ from starlette.routing import BaseRoute, Route
 
 from . import events as ev
 from .api import BodyRefused, check_api_key, problem, publish_and_answer, read_json, services
+from .channels import ID_FIELDS, MAX_ID_LENGTH
 from .db import Store
 from .db.schema import NOTIFICATION_TYPES
-from .publisher import PublishError
+from .publisher import MAX_EVENT_ID, MAX_USER_ID, PublishError
 
 log = logging.getLogger("fonana_ws.events_api")
 
@@ -132,6 +133,8 @@ class Endpoint:
     fields: tuple[Field, ...]
     prepare: Prepare
     example: dict[str, Any]
+    #: More of the body's schema: rules between fields, which the prepare function enforces (400).
+    rules: tuple[tuple[str, Any], ...] = ()
 
     @property
     def path(self) -> str:
@@ -167,6 +170,7 @@ class Endpoint:
             "required": [f.name for f in self.fields if f.required],
             "properties": properties,
             "additionalProperties": False,
+            **dict(self.rules),
         }
 
 
@@ -207,13 +211,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Field(
                 "createdAt",
                 "timestamp",
-                "the row's createdAt (persist false only); default: now",
+                "the row's createdAt (persist false only: refused with persist true); default: now",
                 required=False,
                 arg="created_at",
             ),
         ),
         lambda store, a: ev.prepare_notification(store, **a),
         {"userId": "U", "type": "LIKE_POST", "title": "New like", "message": "Bob liked your post"},
+        # createdAt with persist true is refused: the row the server writes gets the time it is written.
+        rules=(("not", {"required": ["persist", "createdAt"], "properties": {"persist": {"const": True}}}),),
     ),
     Endpoint(
         "notification-read",
@@ -396,6 +402,49 @@ def _answers(*codes: str) -> dict[str, Any]:
     return out
 
 
+#: A channel key as ``parse_key`` takes it: a channel type, ``_``, then an id of 1 to MAX_ID_LENGTH
+#: characters (any characters). One branch per type: its length bounds count the prefix, and no ``$``
+#: (a Python ``$`` also matches before a final newline).
+_CHANNEL_KEY = {
+    "type": "string",
+    "anyOf": [
+        {"pattern": f"^{kind}_", "minLength": len(kind) + 2, "maxLength": len(kind) + 1 + MAX_ID_LENGTH}
+        for kind in ID_FIELDS
+    ],
+}
+
+_PUBLISH_BODY: dict[str, Any] = {
+    "type": "object",
+    "description": "At least one of channel and user. A field given is not null: leave it out instead.",
+    "required": ["event"],
+    "anyOf": [{"required": ["channel"]}, {"required": ["user"]}],
+    "properties": {
+        "channel": {
+            **_CHANNEL_KEY,
+            "description": f"notifications_U, feed_U, creator_C or post_P (an id of 1 to {MAX_ID_LENGTH} "
+            "characters)",
+        },
+        "user": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_USER_ID,
+            "description": "every connection of this user",
+        },
+        "id": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_EVENT_ID,
+            "description": "the event id; a retry with the same id is delivered once",
+        },
+        "event": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string", "minLength": 1}},
+        },
+    },
+}
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of the publish API, built from :data:`ENDPOINTS`."""
     paths: dict[str, Any] = {
@@ -411,22 +460,7 @@ def openapi_document() -> dict[str, Any]:
                     "required": True,
                     "content": {
                         "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["event"],
-                                "properties": {
-                                    "channel": {
-                                        "type": "string",
-                                        "description": "notifications_U, feed_U, creator_C or post_P",
-                                    },
-                                    "user": {**_ID, "description": "every connection of this user"},
-                                    "event": {
-                                        "type": "object",
-                                        "required": ["type"],
-                                        "properties": {"type": {"type": "string", "minLength": 1}},
-                                    },
-                                },
-                            },
+                            "schema": _PUBLISH_BODY,
                             "example": {"user": "U", "event": {"type": "earnings_updated", "amount": 5}},
                         }
                     },
