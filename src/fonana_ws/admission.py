@@ -55,6 +55,10 @@ class LazyMemoryStorage(MemoryStorage):
     def _MemoryStorage__schedule_expiry(self) -> None:  # noqa: N802 - the name-mangled private hook
         return None
 
+    def sweep(self) -> None:
+        """Drop the expired counters (the walk the thread would have made), on the caller's thread."""
+        self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
+
 
 class RateLimits:
     """The rate limits of one process: connects per address, frames (and dropped frames) per connection."""
@@ -77,6 +81,7 @@ class RateLimits:
         self.frame_item = parse(settings.client_rate)
         self._local = LazyMemoryStorage()
         self._frames = FixedWindowRateLimiter(self._local)
+        self._next_sweep = 0.0
         self._down_logged = 0.0
 
     async def connect_allowed(self, address: str) -> bool:
@@ -98,6 +103,12 @@ class RateLimits:
 
     def frame_allowed(self, conn_id: int) -> bool:
         """One inbound frame of connection ``conn_id``; False when it is over ``WS_CLIENT_RATE``."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            # An idle connection's counter (~265 bytes) is dropped once its window is over: one walk of
+            # the counters per minute at most (~1 ms for 5,000), not every 10 ms as limits' thread does.
+            self._next_sweep = now + max(60.0, self.frame_item.get_expiry())
+            self._local.sweep()
         return self._frames.hit(self.frame_item, "frames", str(conn_id))
 
     def drop_allowed(self, conn_id: int) -> bool:
