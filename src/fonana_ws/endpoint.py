@@ -31,6 +31,8 @@ class FonanaEndpoint(WebSocketEndpoint):
     rate_logged = False
     #: This connection holds one of its user's WS_MAX_CONNECTIONS_PER_USER slots.
     holds_slot = False
+    #: Named in refusal log lines of endpoints other than /ws.
+    log_path: str | None = None
 
     @property
     def services(self) -> Services:
@@ -65,7 +67,11 @@ class FonanaEndpoint(WebSocketEndpoint):
         else:
             await websocket.close(protocol.CLOSE_UNAUTHORIZED, message)
 
-    async def on_connect(self, websocket: WebSocket) -> None:
+    async def admit(self, websocket: WebSocket) -> tuple[str, str | None, str] | None:
+        """Origin, connect rate, token and user, in that order, before anything the client sends is read.
+
+        Returns (user id, subprotocol to accept, client address), or None once the refusal is sent.
+        """
         services = self.services
         settings = services.settings
         raw_headers = self.scope["headers"]
@@ -76,12 +82,12 @@ class FonanaEndpoint(WebSocketEndpoint):
                 await self.refuse_upgrade(
                     websocket, 403, "origin", "Origin not allowed", client=address, origin=origin
                 )
-                return
+                return None
         if not await services.rate_limits.connect_allowed(address):
             await self.refuse_upgrade(
                 websocket, 429, "connect_rate", "Too many connection attempts", client=address
             )
-            return
+            return None
         headers = {k.decode(): v.decode("latin-1") for k, v in raw_headers if k == b"authorization"}
         subprotocols = self.scope.get("subprotocols") or []
         token = token_from_scope(self.scope.get("query_string", b""), headers, subprotocols)
@@ -108,11 +114,20 @@ class FonanaEndpoint(WebSocketEndpoint):
                 client=address,
                 cause=exc.cause,
                 token=fingerprint(token) if token else "-",
+                path=self.log_path,
             )
             await websocket.accept(subprotocol=accept_proto)
             await websocket.close(protocol.CLOSE_UNAUTHORIZED, exc.reason[:120])
-            return
+            return None
+        return user_id, accept_proto, address
 
+    async def on_connect(self, websocket: WebSocket) -> None:
+        admitted = await self.admit(websocket)
+        if admitted is None:
+            return
+        user_id, accept_proto, address = admitted
+        services = self.services
+        settings = services.settings
         await websocket.accept(subprotocol=accept_proto)
         # Everything needed from the handshake headers has been read; an idle socket need not keep them.
         self.scope["headers"] = []
