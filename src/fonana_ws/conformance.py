@@ -15,10 +15,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from .connection import Connection
 from .endpoint import FonanaEndpoint
 from .logs import lifecycle
-from .wire import EXTENSION
 
 log = logging.getLogger("fonana_ws.connection")
 
@@ -32,17 +30,9 @@ class EchoEndpoint(FonanaEndpoint):
         admitted = await self.admit(websocket)
         if admitted is None:
             return
-        user_id, accept_proto, address = admitted
-        services = self.services
-        settings = services.settings
-        await websocket.accept(subprotocol=accept_proto)
-        self.scope["headers"] = []
-        conn = Connection(websocket, user_id, services.hub.outbox, limit=settings.send_buffer, client=address)
-        conn.on_slow = self._on_slow
-        self.conn = conn
-        wire = self.scope["extensions"].get(EXTENSION)
-        if wire is not None:
-            wire.authenticated()
+        user_id, _, address = admitted
+        self.conn = conn = await self.accept(websocket, admitted)
+        self.authenticated()
         lifecycle(
             logging.INFO, "echo connected", conn=conn.id, user=user_id, client=address, direct=conn.direct
         )

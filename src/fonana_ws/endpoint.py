@@ -121,18 +121,30 @@ class FonanaEndpoint(WebSocketEndpoint):
             return None
         return user_id, accept_proto, address
 
+    async def accept(self, websocket: WebSocket, admitted: tuple[str, str | None, str]) -> Connection:
+        """Accept an admitted socket: its ``Connection``, with the byte-bounded outbound path."""
+        user_id, accept_proto, address = admitted
+        await websocket.accept(subprotocol=accept_proto)
+        # Everything needed from the handshake headers has been read; an idle socket need not keep them.
+        self.scope["headers"] = []
+        limit = self.services.settings.send_buffer
+        conn = Connection(websocket, user_id, self.services.hub.outbox, limit=limit, client=address)
+        conn.on_slow = self._on_slow
+        return conn
+
+    def authenticated(self) -> None:
+        """The handshake deadline no longer applies to this socket."""
+        wire = self.scope["extensions"].get(EXTENSION)
+        if wire is not None:
+            wire.authenticated()
+
     async def on_connect(self, websocket: WebSocket) -> None:
         admitted = await self.admit(websocket)
         if admitted is None:
             return
-        user_id, accept_proto, address = admitted
+        user_id, _, address = admitted
         services = self.services
-        settings = services.settings
-        await websocket.accept(subprotocol=accept_proto)
-        # Everything needed from the handshake headers has been read; an idle socket need not keep them.
-        self.scope["headers"] = []
-        conn = Connection(websocket, user_id, services.hub.outbox, limit=settings.send_buffer, client=address)
-        conn.on_slow = self._on_slow
+        conn = await self.accept(websocket, admitted)
         if not await services.user_connections.acquire(user_id, str(conn.id)):
             services.stats.limit_refusals["user_connections"] += 1
             lifecycle(logging.INFO, "refused", user=user_id, client=address, cause="user_connections")
@@ -152,9 +164,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             await websocket.close(1011, "Broker unavailable, try again")
             return
         self.conn = conn
-        wire = self.scope["extensions"].get(EXTENSION)
-        if wire is not None:
-            wire.authenticated()
+        self.authenticated()
         lifecycle(logging.INFO, "connected", conn=conn.id, user=user_id, client=address, direct=conn.direct)
 
     def _on_slow(self, conn: Connection) -> None:
