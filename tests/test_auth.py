@@ -115,6 +115,7 @@ async def test_refused_socket_is_never_registered(server: Server) -> None:
     assert "creator_refused-only" not in server.services.hub.by_key
 
 
+@pytest.mark.unit
 def test_issuer_and_audience_checks_when_configured() -> None:
     token = jwt.encode({"userId": "u", "exp": time.time() + 60, "iss": "a", "aud": "b"}, SECRET, "HS256")
     assert verify_token(token, SECRET, issuer="a", audience="b")[0] == "u"
@@ -124,6 +125,7 @@ def test_issuer_and_audience_checks_when_configured() -> None:
         verify_token(token, SECRET, audience="other")
 
 
+@pytest.mark.unit
 def test_small_leeway_on_expiry() -> None:
     token = jwt.encode({"userId": "u", "exp": time.time() - 5}, SECRET, "HS256")
     assert verify_token(token, SECRET, leeway=30)[0] == "u"
@@ -131,6 +133,7 @@ def test_small_leeway_on_expiry() -> None:
         verify_token(token, SECRET, leeway=0)
 
 
+@pytest.mark.unit
 def test_other_algorithms_are_refused() -> None:
     token = jwt.encode({"userId": "u", "exp": time.time() + 60}, SECRET, "HS512")
     with pytest.raises(AuthError, match="algorithm"):

@@ -4,8 +4,8 @@ The page's own ``WebSocket`` talks to the in-process server (``server`` fixture:
 exactly as Fonana's browser client does: token in the query string, ``subscribe`` sent from ``onopen``
 before ``connected`` arrives, refusals read from ``CloseEvent.code`` / ``CloseEvent.reason``.
 
-Chromium is Debian's package (``/usr/bin/chromium``), installed with apt-get when missing and allowed
-(root); without it these tests skip with the reason, or fail under FONANA_WS_REQUIRE_SERVICES=1. One
+Chromium is Debian's package (``/usr/bin/chromium``), installed by ``./dev setup`` (CI runs it); without
+it these tests skip with the reason, or fail under FONANA_WS_REQUIRE_SERVICES=1. One
 browser serves the whole module; every page is a fresh tab on the server's own loopback origin. Nothing
 listens beyond 127.0.0.1, and the browser and its profile directory are removed at the end.
 """
@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +31,6 @@ from fonana_ws.auth import create_token
 
 from .conftest import Server, need_service
 
-# The first test's setup may install Chromium (apt-get install, else apt-get update and install again).
 pytestmark = pytest.mark.timeout(720)
 
 CHROMIUM_FLAGS = (
@@ -58,24 +56,11 @@ def js(value: Any) -> str:
 
 
 def chromium_binary() -> str:
-    """Debian's Chromium, installed with apt-get when missing and we are root."""
+    """Debian's Chromium (chromium), installed by ``./dev setup`` (which CI runs), never by a test."""
     found = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        need_service("Chromium", "not installed, and apt-get is not available to root here")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    try:
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=240)
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=120)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as exc:
-        need_service("Chromium", f"apt-get took too long: {exc}")
-    if result.returncode != 0 or not Path("/usr/bin/chromium").exists():
-        need_service("Chromium", f"apt-get install chromium failed: {result.stderr.strip()[-300:]}")
-    return "/usr/bin/chromium"
+    if not found:
+        need_service("Chromium", "not installed: run ./dev setup (apt-get install chromium) as root")
+    return found  # type: ignore[return-value]
 
 
 class CDP:

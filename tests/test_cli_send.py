@@ -69,6 +69,7 @@ def url(server: Server) -> list[str]:
     return ["--url", f"http://127.0.0.1:{server.port}"]
 
 
+@pytest.mark.unit
 def test_one_subcommand_per_event_plus_raw() -> None:
     names = {c.name for c in send_cli.app.registered_commands}
     assert names == set(BY_NAME) | {"raw"}
@@ -321,6 +322,7 @@ async def test_broker_mode_publishes_the_envelope_itself(tmp_path: Path) -> None
     assert code == 2 and "memory://" in err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", sorted(BY_NAME))
 def test_each_subcommand_has_help(name: str) -> None:
     from typer.testing import CliRunner

@@ -2,7 +2,7 @@
 nginx config in front of a real server, with TLS, on loopback ports of our own.
 
 PM2 comes from npm (cached in ~/.cache/fonana-ws-tests, PM2_HOME in a temp dir); nginx is Debian's
-package, installed when missing and allowed (root with apt-get). Without Node.js or nginx these tests skip
+package, installed by ``./dev setup`` (CI runs it). Without Node.js or nginx these tests skip
 with the reason, or fail under FONANA_WS_REQUIRE_SERVICES=1. Nothing touches the system's PM2, nginx
 configuration or port 80.
 """
@@ -203,21 +203,11 @@ async def test_pm2_starts_and_stops_the_server_cleanly(tmp_path: Path) -> None:
 
 
 def nginx_binary() -> str:
-    """Debian's nginx, installed with apt-get when missing and we are root."""
+    """Debian's nginx (nginx), installed by ``./dev setup`` (which CI runs), never by a test."""
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        need_service("nginx", "not installed, and apt-get is not available to root here")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "nginx"]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300)
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-        need_service("nginx", f"apt-get install nginx failed: {result.stderr.strip()[-300:]}")
-    return shutil.which("nginx") or "/usr/sbin/nginx"
+    if not found:
+        need_service("nginx", "not installed: run ./dev setup (apt-get install nginx) as root")
+    return found  # type: ignore[return-value]
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -16,6 +16,8 @@ from fonana_ws.logs import TextFormatter, escape_controls, field_value
 from fonana_ws.net import client_address
 from fonana_ws.protocol import FrameError, nested_deeper_than, parse_frame
 
+pytestmark = pytest.mark.unit
+
 TRUSTED = ("127.0.0.1", "::1")
 
 

@@ -33,6 +33,7 @@ ALLOWED = ("https://fonana.me", "https://*.fonana.me")
         ("null", False),
     ],
 )
+@pytest.mark.unit
 def test_origin_rules(origin: str | None, ok: bool) -> None:
     assert origin_allowed(origin, ALLOWED) is ok
 

@@ -224,6 +224,7 @@ async def test_only_local_or_api_key_may_read(server: Server, path: str) -> None
         assert (await other_loopback.get(path)).status_code == 200
 
 
+@pytest.mark.unit
 def test_which_peers_count_as_local() -> None:
     def scope(host: str, *headers: tuple[bytes, bytes]) -> dict:
         return {"client": (host, 40000), "headers": list(headers)}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 import websockets
 
 from fonana_ws.auth import create_token
@@ -163,6 +164,7 @@ async def test_slow_consumer_does_not_grow_server_memory(tmp_path: Path) -> None
             assert exc.rcvd is None or exc.rcvd.code == 1013
 
 
+@pytest.mark.unit
 def test_numbers_must_be_finite_and_in_range() -> None:
     from fonana_ws.config import ConfigError, load_settings
 

@@ -401,6 +401,7 @@ async def test_redis_outage_admits_then_writes_the_admitted_back() -> None:
         await server.kill()
 
 
+@pytest.mark.unit
 def test_for_settings_follows_the_broker_url() -> None:
     def pick(url: str) -> UserConnections:
         return for_settings(Settings(broadcast_url=url, max_connections_per_user=7))

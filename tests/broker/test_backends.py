@@ -68,6 +68,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
 # --- pure helpers -----------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_mask_url_hides_passwords_only() -> None:
     assert mask_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("postgresql://u:pw@h/db?sslmode=require") == "postgresql://u:***@h/db?sslmode=require"
@@ -75,6 +76,7 @@ def test_mask_url_hides_passwords_only() -> None:
     assert mask_url("postgresql://u@h:5432/db") == "postgresql://u@h:5432/db"
 
 
+@pytest.mark.unit
 def test_channel_ident_is_a_short_safe_identifier() -> None:
     long_a = "a" * 63 + ".x"
     long_b = "a" * 63 + ".y"
@@ -84,6 +86,7 @@ def test_channel_ident_is_a_short_safe_identifier() -> None:
         assert ident.startswith("fws_") and len(ident) == 44 and ident.isascii() and ident == ident.lower()
 
 
+@pytest.mark.unit
 def test_plain_dsn_drops_the_driver() -> None:
     assert plain_dsn("postgresql+asyncpg://u@h/db") == "postgresql://u@h/db"
     assert plain_dsn("postgres://u@h/db") == "postgres://u@h/db"
