@@ -43,3 +43,18 @@ def test_fonana_ws_config_shows_every_setting(tmp_path: Path) -> None:
     shown = " ".join(variable for variable, _, _ in effective(settings))
     missing = [n for n in sorted(read_by_the_server() - ALIASES) if n not in shown]
     assert not missing, f"fonana-ws config leaves out {missing}"
+
+
+def test_reading_the_settings_loads_no_server() -> None:
+    """``import fonana_ws.config`` (what ``fonana-ws token`` and ``config`` need) loads no web server,
+    ASGI framework or database driver: the package root imports its names lazily."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fonana_ws.config; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'uvicorn', 'starlette', 'asyncpg', 'sqlalchemy', 'databases', 'redis', 'websockets'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
