@@ -174,7 +174,7 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
     (request, response, their headers) is dropped once the socket is accepted.
 
     Every byte this protocol writes on its own (pongs, close frames, handshake refusals) counts against
-    ``send_limit`` like the app's frames do: a client that sends pings and never reads the pongs is cut
+    ``WS_SEND_BUFFER`` like the app's frames do: a client that sends pings and never reads the pongs is cut
     with 1013 instead of growing the transport's buffer without end. A socket that is closing is aborted
     ``CLOSE_GRACE`` after our close frame, whatever the peer does, so a refused or cut socket cannot stay
     to make the server hold its data.
