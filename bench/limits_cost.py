@@ -15,8 +15,8 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-from fonana_ws.admission import RateLimits
 from fonana_ws.config import load_settings
+from fonana_ws.web.admission import RateLimits
 
 
 def settings_for(broker: str, **env: str):  # type: ignore[no-untyped-def]
@@ -80,7 +80,7 @@ async def main() -> None:
     )
     await redis_limits.close()
 
-    from fonana_ws import user_connections
+    from fonana_ws.fonana import user_connections
 
     for name, url in (("memory", "memory://"), ("redis", args.redis), ("postgresql", args.pg)):
         registry = user_connections.for_settings(settings_for(url, WS_MAX_CONNECTIONS_PER_USER="100000"))

@@ -25,7 +25,7 @@ from fonana_ws.auth import create_token
 from fonana_ws.config import Settings, load_settings
 from fonana_ws.db import demo
 from fonana_ws.server import uvicorn_config
-from fonana_ws.services import Services
+from fonana_ws.web.services import Services
 
 PG_URL = os.environ.get("FONANA_WS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("FONANA_WS_TEST_REDIS", "redis://127.0.0.1:6379/0")

@@ -13,8 +13,8 @@ import pytest
 
 from fonana_ws.db import demo
 from fonana_ws.db import notifications as sql
-from fonana_ws.events import Conflict, Events, NotFound, connect_events
-from fonana_ws.publisher import PublishError
+from fonana_ws.fonana.events import Conflict, Events, NotFound, connect_events
+from fonana_ws.fonana.publisher import PublishError
 
 from .conftest import REDIS_URL, Client, Server, make_settings, need_service, redis_reachable, running
 

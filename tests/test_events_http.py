@@ -10,10 +10,10 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-from fonana_ws.app import create_app
 from fonana_ws.db import demo
 from fonana_ws.db import notifications as sql
-from fonana_ws.events_api import BY_NAME, ENDPOINTS, OPENAPI_PATH
+from fonana_ws.web.app import create_app
+from fonana_ws.web.events_api import BY_NAME, ENDPOINTS, OPENAPI_PATH
 
 from .conftest import API_KEY, Server
 from .test_events import silent, subscribe_notifications, watcher

@@ -8,8 +8,8 @@ import secrets
 
 import pytest
 
-from fonana_ws import hub as hub_module
-from fonana_ws.broker import envelope
+from fonana_ws.fanout import hub as hub_module
+from fonana_ws.protocol import envelope
 
 from .conftest import Server, make_settings, running
 

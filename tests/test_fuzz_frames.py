@@ -39,8 +39,8 @@ from websockets.http11 import Request
 from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
 
-from fonana_ws import protocol
-from fonana_ws.channels import ChannelError, channel_key, parse_key
+from fonana_ws.protocol import frames as protocol
+from fonana_ws.protocol.channels import ChannelError, channel_key, parse_key
 
 from .conftest import Server, make_settings, running
 

@@ -9,12 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
-from fonana_ws import protocol
 from fonana_ws.db import store as store_module
 from fonana_ws.db.store import AccessCache
 from fonana_ws.logs import TextFormatter, escape_controls, field_value
 from fonana_ws.net import client_address
-from fonana_ws.protocol import FrameError, nested_deeper_than, parse_frame
+from fonana_ws.protocol import frames as protocol
+from fonana_ws.protocol.frames import FrameError, nested_deeper_than, parse_frame
 
 pytestmark = pytest.mark.unit
 
@@ -97,7 +97,13 @@ def test_lifecycle_values_are_quoted_unless_plain() -> None:
 def test_text_formatter_keeps_every_record_on_one_line() -> None:
     formatter = TextFormatter("%(levelname)s %(name)s: %(message)s")
     record = logging.LogRecord(
-        "fonana_ws.connection", logging.INFO, __file__, 1, "denied key=%s", ("post_x\nINFO forged",), None
+        "fonana_ws.connection",
+        logging.INFO,
+        __file__,
+        1,
+        "denied key=%s",
+        ("post_x\nINFO forged",),
+        None,
     )
     line = formatter.format(record)
     assert line == "INFO fonana_ws.connection: denied key=post_x\\nINFO forged"

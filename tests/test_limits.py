@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from fonana_ws.admission import origin_allowed
+from fonana_ws.web.admission import origin_allowed
 
 from .conftest import API_KEY, REDIS_URL, make_settings, need_service, redis_reachable, running
 

@@ -25,7 +25,7 @@ import requests
 import schemathesis
 from schemathesis import checks
 
-from fonana_ws.events_api import openapi_document
+from fonana_ws.web.events_api import openapi_document
 
 from .conftest import API_KEY, SECRET, ServerProcess
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from fonana_ws.config import Settings
-from fonana_ws.user_connections import (
+from fonana_ws.fonana.user_connections import (
     MemoryUserConnections,
     PostgresUserConnections,
     RedisUserConnections,
@@ -225,7 +225,7 @@ async def test_a_release_during_a_refresh_is_not_written_back(shared: Backend) -
 
 _CHILD = """
 import asyncio, sys
-from fonana_ws.user_connections import PostgresUserConnections, RedisUserConnections
+from fonana_ws.fonana.user_connections import PostgresUserConnections, RedisUserConnections
 
 async def main():
     kind, url, prefix, user, n, ttl = sys.argv[1:]

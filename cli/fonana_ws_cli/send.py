@@ -5,7 +5,7 @@ other event type. By default it POSTs to a running server's ``/api/events/<event
 ``http://127.0.0.1:$WS_PORT``; the key from ``--api-key`` / ``WS_API_KEY``, else the embedded default's
 dev key). With ``--broker`` it prepares the event itself (opening the database when the event needs it)
 and publishes the broker envelope on ``BROADCAST_URL``/``REDIS_URL``: the same validation and the same
-event as the HTTP API, since both use ``fonana_ws.events_api.ENDPOINTS``.
+event as the HTTP API, since both use ``fonana_ws.web.events_api.ENDPOINTS``.
 
 On success the answer (``ok``, ``id``, ``channels``, ``users``, ``event``) is printed as JSON on stdout;
 any failure prints the reason on stderr and exits 1 (2 for a bad option or configuration).
@@ -119,9 +119,9 @@ def via_http(path: str, body: dict[str, Any], url: str | None, api_key: str | No
 def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
     """Prepare ``body`` as the endpoint ``name`` would (None: a raw publish) and publish it on the broker."""
     from fonana_ws.broker import BrokerUnavailable, PayloadTooLarge, mask_url
-    from fonana_ws.events import Conflict, NotFound, connect_events
-    from fonana_ws.events_api import BY_NAME, prepare
-    from fonana_ws.publisher import PublishError
+    from fonana_ws.fonana.events import Conflict, NotFound, connect_events
+    from fonana_ws.fonana.publisher import PublishError
+    from fonana_ws.web.events_api import BY_NAME, prepare
 
     from .main import settings_or_exit
 

@@ -14,17 +14,17 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "create_app": "app",
+    "create_app": "web.app",
     "create_token": "auth",
     "verify_token": "auth",
     "ConfigError": "config",
     "Settings": "config",
     "load_settings": "config",
-    "Emission": "events",
-    "Events": "events",
-    "connect_events": "events",
-    "Publisher": "publisher",
-    "PublishError": "publisher",
+    "Emission": "fonana.events",
+    "Events": "fonana.events",
+    "connect_events": "fonana.events",
+    "Publisher": "fonana.publisher",
+    "PublishError": "fonana.publisher",
 }
 
 __all__ = sorted(_WHERE)

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 import jwt
 
-from .config import Settings
+from fonana_ws.config import Settings
 
 ALGORITHM = "HS256"
 

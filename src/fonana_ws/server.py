@@ -10,11 +10,11 @@ from contextlib import contextmanager
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from .app import FonanaApp, create_app, prepare_embedded
-from .config import ConfigError, Settings, load_settings
-from .http_edge import EdgeHttpProtocol
-from .logs import configure_logging
-from .wire import FonanaWSProtocol
+from fonana_ws.config import ConfigError, Settings, load_settings
+from fonana_ws.logs import configure_logging
+from fonana_ws.transport.http_edge import EdgeHttpProtocol
+from fonana_ws.transport.wire import FonanaWSProtocol
+from fonana_ws.web.app import FonanaApp, create_app, prepare_embedded
 
 
 def uvicorn_config(settings: Settings, workers: int = 1) -> uvicorn.Config:

@@ -24,11 +24,11 @@ import pytest
 from redis import asyncio as aioredis
 
 from fonana_ws.broker import Broker, BrokerUnavailable, PayloadTooLarge, postgres_backend
-from fonana_ws.broker import envelope as env
 from fonana_ws.broker.postgres_backend import PostgresBackend, channel_ident, plain_dsn
 from fonana_ws.broker.redis_backend import RedisBackend
 from fonana_ws.db import demo
-from fonana_ws.publisher import Publisher
+from fonana_ws.fonana.publisher import Publisher
+from fonana_ws.protocol import envelope as env
 
 from ..conftest import API_KEY, Client, make_settings, running
 from .conftest import free_port, service_missing, wait_for_port

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 from broadcaster import Broadcast
 from broadcaster._backends.base import BroadcastBackend
 
-from .base import BrokerUnavailable, PayloadTooLarge, backend_is_up, mask_url
+from fonana_ws.broker.base import BrokerUnavailable, PayloadTooLarge, backend_is_up, mask_url
 
 __all__ = ["Broker", "BrokerUnavailable", "PayloadTooLarge", "create_backend", "mask_url"]
 
@@ -24,11 +24,11 @@ def create_backend(url: str) -> BroadcastBackend:
 
         return MemoryBackend(url)
     if scheme in ("redis", "rediss"):
-        from .redis_backend import RedisBackend
+        from fonana_ws.broker.redis_backend import RedisBackend
 
         return RedisBackend(url)
     if scheme in ("postgres", "postgresql"):
-        from .postgres_backend import PostgresBackend
+        from fonana_ws.broker.postgres_backend import PostgresBackend
 
         return PostgresBackend(url)
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {scheme!r}")

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import databases
 
-from .store import utcnow
+from fonana_ws.db.store import utcnow
 
 CREATOR = "demo-creator"
 SUBSCRIBER = "demo-subscriber"

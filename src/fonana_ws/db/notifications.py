@@ -15,8 +15,8 @@ import socket
 import time
 from typing import Any
 
-from .schema import NOTIFICATION_TYPES
-from .store import Queries, is_postgres, iso, notification_row, utcnow
+from fonana_ws.db.schema import NOTIFICATION_TYPES
+from fonana_ws.db.store import Queries, is_postgres, iso, notification_row, utcnow
 
 _COLUMNS = 'id, "userId", type, title, message, "isRead", metadata, "createdAt"'
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"

@@ -14,7 +14,7 @@ from typing import Any
 
 import databases
 
-from .schema import create_schema
+from fonana_ws.db.schema import create_schema
 
 UNREAD_LIMIT = 20
 
@@ -149,7 +149,7 @@ class Store:
         self._user_cache_size = user_cache_size
         #: user id -> monotonic time until which it is known to exist (positive answers only).
         self._known_users: dict[str, float] = {}
-        #: Access decisions of ``channels.may_subscribe`` (0 s: every subscribe asks the database).
+        #: Access decisions of ``fonana.policy.may_subscribe`` (0 s: every subscribe asks the database).
         self.access = AccessCache(access_cache_ttl, access_cache_size)
         #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
         self.q: Queries = self.db

@@ -15,7 +15,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .wire import count_refusal, services_of
+from fonana_ws.transport.wire import count_refusal, services_of
 
 log = logging.getLogger("fonana_ws.http")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from .endpoint import FonanaEndpoint
-from .logs import lifecycle
+from fonana_ws.logs import lifecycle
+from fonana_ws.web.endpoint import FonanaEndpoint
 
 log = logging.getLogger("fonana_ws.connection")
 

@@ -11,10 +11,10 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from .broker import BrokerUnavailable, PayloadTooLarge
-from .protocol import MAX_EVENT_DEPTH, nested_deeper_than
-from .publisher import PublishError
-from .services import Services
+from fonana_ws.broker import BrokerUnavailable, PayloadTooLarge
+from fonana_ws.fonana.publisher import PublishError
+from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
+from fonana_ws.web.services import Services
 
 log = logging.getLogger("fonana_ws.api")
 

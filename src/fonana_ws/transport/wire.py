@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -25,25 +24,6 @@ EXTENSION = "fonana.wire"
 CLOSE_GRACE = 1.0
 
 log = logging.getLogger("fonana_ws.connection")
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final, uncompressed text frame (server to client, RFC 6455 §5.2)."""
-    return data_frame(payload, 0x81)
-
-
-def binary_frame(payload: bytes) -> bytes:
-    """An unmasked, final, uncompressed binary frame."""
-    return data_frame(payload, 0x82)
-
-
-def data_frame(payload: bytes, first: int) -> bytes:
-    n = len(payload)
-    if n < 126:
-        return bytes((first, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", first, 126, n) + payload
-    return struct.pack("!BBQ", first, 127, n) + payload
 
 
 class Wire:

@@ -10,18 +10,19 @@ from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from . import api, events_api, metrics, user_connections
-from .admission import RateLimits
-from .broker import Broker, mask_url
-from .config import Settings, load_settings
-from .db import Store
-from .db.demo import DEMO_USERS, seed_demo
-from .endpoint import FonanaEndpoint
-from .hub import Hub
-from .protocol import CLOSE_SERVICE_RESTART
-from .publisher import Publisher
-from .services import Services
-from .stats import Stats
+from fonana_ws.broker import Broker, mask_url
+from fonana_ws.config import Settings, load_settings
+from fonana_ws.db import Store
+from fonana_ws.db.demo import DEMO_USERS, seed_demo
+from fonana_ws.fanout.hub import Hub
+from fonana_ws.fonana import user_connections
+from fonana_ws.fonana.publisher import Publisher
+from fonana_ws.protocol.frames import CLOSE_SERVICE_RESTART
+from fonana_ws.stats import Stats
+from fonana_ws.web import api, events_api, metrics
+from fonana_ws.web.admission import RateLimits
+from fonana_ws.web.endpoint import FonanaEndpoint
+from fonana_ws.web.services import Services
 
 log = logging.getLogger("fonana_ws")
 
@@ -127,7 +128,7 @@ class FonanaApp:
                 return
             if path == CONFORMANCE_PATH:
                 if self.echo:
-                    from .conformance import EchoEndpoint
+                    from fonana_ws.web.conformance import EchoEndpoint
 
                     scope["app"] = self.app
                     await EchoEndpoint(scope, receive, send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,3 +122,25 @@ def unread_notifications(notifications: list[dict[str, Any]]) -> str:
             "data": {"notifications": notifications, "count": len(notifications)},
         }
     )
+
+
+# -- server-to-client WebSocket frames, built once per event (RFC 6455 §5.2) ---------------------------
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final, uncompressed text frame (server to client, RFC 6455 §5.2)."""
+    return data_frame(payload, 0x81)
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """An unmasked, final, uncompressed binary frame."""
+    return data_frame(payload, 0x82)
+
+
+def data_frame(payload: bytes, first: int) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload

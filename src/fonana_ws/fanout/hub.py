@@ -14,11 +14,11 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 
-from .broker import Broker
-from .broker import envelope as env
-from .connection import Connection, Outbox
-from .stats import Stats
-from .wire import text_frame
+from fonana_ws.broker import Broker
+from fonana_ws.fanout.connection import Connection, Outbox
+from fonana_ws.protocol import envelope as env
+from fonana_ws.protocol.frames import text_frame
+from fonana_ws.stats import Stats
 
 log = logging.getLogger("fonana_ws.hub")
 

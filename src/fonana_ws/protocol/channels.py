@@ -1,11 +1,9 @@
-"""CHANNEL objects, their keys, and who may subscribe (protocol §2)."""
+"""CHANNEL objects and their keys (protocol §2); who may join one is ``fonana.policy``."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
-
-from .db import Store
 
 #: Channel type -> the CHANNEL field that carries its id.
 ID_FIELDS = {"notifications": "userId", "feed": "userId", "creator": "id", "post": "postId"}
@@ -43,36 +41,3 @@ def parse_key(key: str) -> tuple[str, str]:
 
 def channel_type(key: str) -> str:
     return key.split("_", 1)[0]
-
-
-async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
-    """The access policy: may ``user_id`` join the channel ``key``?
-
-    A post's answer, yes or no, is remembered in ``store.access`` for a few seconds (``AccessCache``): a
-    client repeating a subscribe costs the database one check per TTL. Failures are not remembered.
-    """
-    kind, ident = parse_key(key)
-    if kind in ("notifications", "feed"):
-        return ident == user_id
-    if kind == "creator":
-        return True
-    cached = store.access.get(user_id, key)
-    if cached is not None:
-        return cached
-    allowed = await _may_see_post(store, user_id, ident)
-    store.access.put(user_id, key, allowed)
-    return allowed
-
-
-async def _may_see_post(store: Store, user_id: str, post_id: str) -> bool:
-    post = await store.get_post(post_id)
-    if post is None:
-        return False
-    creator = str(post["creatorId"])
-    if creator == user_id:
-        return True
-    if not post["isLocked"] and not post["minSubscriptionTier"]:
-        return True
-    if await store.has_active_subscription(user_id, creator):
-        return True
-    return await store.has_purchase(user_id, post_id)

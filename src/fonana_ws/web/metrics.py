@@ -11,14 +11,11 @@ requests that carry the server API key as ``Authorization: Bearer``; anyone else
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import socket
-import time
-from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -35,16 +32,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .channels import ID_FIELDS, channel_type
-from .net import is_local_request
-from .stats import Stats
+from fonana_ws.net import is_local_request
+from fonana_ws.protocol.channels import ID_FIELDS, channel_type
+from fonana_ws.stats import publish_latency
 
 if TYPE_CHECKING:
-    from .services import Services
-
-#: Publish latency buckets, in seconds: a local memory publish takes microseconds, a Redis one about
-#: a millisecond, a PostgreSQL NOTIFY a few; the broker's own timeout is 2 s.
-PUBLISH_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+    from fonana_ws.web.services import Services
 
 #: Refusal causes (``AuthError.cause``) reported even before they happen once, so that rate() works.
 AUTH_CAUSES = (
@@ -72,58 +65,6 @@ LIMIT_CAUSES = (
     "body_too_large",
     "slow_consumer_pongs",
 )
-
-
-class LatencyHistogram:
-    """A histogram as plain ints: ``observe`` is a bisect and three adds, no lock, no prometheus object."""
-
-    __slots__ = ("bounds", "counts", "count", "sum")
-
-    def __init__(self, bounds: tuple[float, ...] = PUBLISH_BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.count += 1
-        self.sum += seconds
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """``[(le, count of observations <= le), ..., ("+Inf", count)]`` as Prometheus wants them."""
-        out, running = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += n
-            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
-        return out
-
-
-def publish_latency(stats: Stats) -> LatencyHistogram:
-    """The publish latency histogram that belongs with ``stats`` (one per app, like ``Stats``)."""
-    hist = stats.__dict__.get("publish_latency")
-    if hist is None:
-        hist = stats.__dict__["publish_latency"] = LatencyHistogram()
-    return hist
-
-
-F = TypeVar("F", bound=Callable[..., Awaitable[str]])
-
-
-def timed_publish(func: F) -> F:
-    """Decorator for ``Publisher.publish``: observe how long each successful publish took.
-
-    The publisher keeps its ``Stats`` in ``self.stats``; the time lands in that app's histogram.
-    """
-
-    @functools.wraps(func)
-    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> str:
-        started = time.perf_counter()
-        result = await func(self, *args, **kwargs)
-        publish_latency(self.stats).observe(time.perf_counter() - started)
-        return result
-
-    return wrapper  # type: ignore[return-value]
 
 
 def snapshot(services: Services) -> dict[str, Any]:
@@ -348,7 +289,7 @@ async def start_metrics_server(
     except OSError as exc:
         sock.close()
         raise OSError(exc.errno, f"METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror}") from None
-    from .http_edge import EdgeHttpProtocol
+    from fonana_ws.transport.http_edge import EdgeHttpProtocol
 
     config = uvicorn.Config(
         app, lifespan="off", log_config=None, access_log=False, http=EdgeHttpProtocol, ws="none"

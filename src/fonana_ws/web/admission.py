@@ -19,7 +19,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
-from .config import Settings
+from fonana_ws.config import Settings
 
 log = logging.getLogger("fonana_ws.limits")
 

@@ -9,15 +9,16 @@ from starlette.endpoints import WebSocketEndpoint
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
-from . import protocol
-from .admission import origin_allowed
-from .auth import AuthError, fingerprint, token_from_scope, verify_with
-from .channels import ChannelError, channel_key, channel_type, may_subscribe
-from .connection import Connection
-from .logs import lifecycle
-from .net import client_address
-from .services import Services
-from .wire import EXTENSION
+from fonana_ws.auth import AuthError, fingerprint, token_from_scope, verify_with
+from fonana_ws.fanout.connection import Connection
+from fonana_ws.fonana.policy import may_subscribe
+from fonana_ws.logs import lifecycle
+from fonana_ws.net import client_address
+from fonana_ws.protocol import frames as protocol
+from fonana_ws.protocol.channels import ChannelError, channel_key, channel_type
+from fonana_ws.transport.wire import EXTENSION
+from fonana_ws.web.admission import origin_allowed
+from fonana_ws.web.services import Services
 
 log = logging.getLogger("fonana_ws.connection")
 

@@ -25,12 +25,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import events as ev
-from .api import BodyRefused, check_api_key, problem, publish_and_answer, read_json, services
-from .channels import ID_FIELDS, MAX_ID_LENGTH
-from .db import Store
-from .db.schema import NOTIFICATION_TYPES
-from .publisher import MAX_EVENT_ID, MAX_USER_ID, PublishError
+from fonana_ws.db import Store
+from fonana_ws.db.schema import NOTIFICATION_TYPES
+from fonana_ws.fonana import events as ev
+from fonana_ws.fonana.publisher import MAX_EVENT_ID, MAX_USER_ID, PublishError
+from fonana_ws.protocol.channels import ID_FIELDS, MAX_ID_LENGTH
+from fonana_ws.web.api import BodyRefused, check_api_key, problem, publish_and_answer, read_json, services
 
 log = logging.getLogger("fonana_ws.events_api")
 

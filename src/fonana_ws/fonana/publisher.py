@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .broker import Broker, PayloadTooLarge
-from .broker import envelope as env
-from .channels import ChannelError, parse_key
-from .metrics import timed_publish
-from .protocol import MAX_EVENT_DEPTH, nested_deeper_than
-from .stats import Stats
+from fonana_ws.broker import Broker, PayloadTooLarge
+from fonana_ws.protocol import envelope as env
+from fonana_ws.protocol.channels import ChannelError, parse_key
+from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
+from fonana_ws.stats import Stats, timed_publish
 
 MAX_USER_ID = 200
 MAX_EVENT_ID = 100

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .admission import RateLimits
-from .broker import Broker
-from .config import Settings
-from .db import Store
-from .hub import Hub
-from .publisher import Publisher
-from .stats import Stats
+from fonana_ws.broker import Broker
+from fonana_ws.config import Settings
+from fonana_ws.db import Store
+from fonana_ws.fanout.hub import Hub
+from fonana_ws.fonana.publisher import Publisher
+from fonana_ws.stats import Stats
+from fonana_ws.web.admission import RateLimits
 
 
 @dataclass

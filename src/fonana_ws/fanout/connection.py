@@ -18,8 +18,8 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
-from .protocol import CLOSE_SLOW_CONSUMER
-from .wire import EXTENSION, Wire, binary_frame, text_frame
+from fonana_ws.protocol.frames import CLOSE_SLOW_CONSUMER, binary_frame, text_frame
+from fonana_ws.transport.wire import EXTENSION, Wire
 
 log = logging.getLogger("fonana_ws.connection")
 _ids = itertools.count(1)

@@ -4,7 +4,7 @@ Each ``prepare_*`` function checks its input, reads what the event needs from th
 notification the caller asks the server to persist, writes the row) and returns an :class:`Emission`:
 the event and where it goes. :class:`Events` publishes emissions through a :class:`Publisher`::
 
-    from fonana_ws.events import connect_events
+    from fonana_ws.fonana.events import connect_events
 
     async with connect_events() as ev:  # its own broker and database connections
         await ev.send_notification("user-1", "LIKE_POST", "New like", "Bob liked your post", persist=True)
@@ -27,15 +27,15 @@ from typing import Any
 
 import orjson
 
-from .broker import Broker
-from .channels import MAX_ID_LENGTH, ChannelError, parse_key
-from .config import Settings, load_settings
-from .db import Store
-from .db import notifications as sql
-from .db.schema import NOTIFICATION_TYPES
-from .db.store import iso, utcnow
-from .protocol import MAX_EVENT_DEPTH, nested_deeper_than
-from .publisher import Publisher, PublishError
+from fonana_ws.broker import Broker
+from fonana_ws.config import Settings, load_settings
+from fonana_ws.db import Store
+from fonana_ws.db import notifications as sql
+from fonana_ws.db.schema import NOTIFICATION_TYPES
+from fonana_ws.db.store import iso, utcnow
+from fonana_ws.fonana.publisher import Publisher, PublishError
+from fonana_ws.protocol.channels import MAX_ID_LENGTH, ChannelError, parse_key
+from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
 
 __all__ = [
     "Conflict",

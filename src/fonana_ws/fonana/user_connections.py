@@ -503,7 +503,9 @@ class PostgresUserConnections(SharedUserConnections):
 
     async def _release(self, user_id: str, member: str) -> None:
         await self._pool_now().execute(
-            "DELETE FROM fonana_ws.user_connections WHERE user_id = $1 AND member = $2", user_id, member
+            "DELETE FROM fonana_ws.user_connections WHERE user_id = $1 AND member = $2",
+            user_id,
+            member,
         )
 
     async def _refresh(self, members: list[tuple[str, str]]) -> None:

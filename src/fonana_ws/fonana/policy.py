@@ -1,0 +1,39 @@
+"""Who may join which channel (protocol §2): the access policy, asked once per subscribe."""
+
+from __future__ import annotations
+
+from fonana_ws.db import Store
+from fonana_ws.protocol.channels import parse_key
+
+
+async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
+    """The access policy: may ``user_id`` join the channel ``key``?
+
+    A post's answer, yes or no, is remembered in ``store.access`` for a few seconds (``AccessCache``): a
+    client repeating a subscribe costs the database one check per TTL. Failures are not remembered.
+    """
+    kind, ident = parse_key(key)
+    if kind in ("notifications", "feed"):
+        return ident == user_id
+    if kind == "creator":
+        return True
+    cached = store.access.get(user_id, key)
+    if cached is not None:
+        return cached
+    allowed = await _may_see_post(store, user_id, ident)
+    store.access.put(user_id, key, allowed)
+    return allowed
+
+
+async def _may_see_post(store: Store, user_id: str, post_id: str) -> bool:
+    post = await store.get_post(post_id)
+    if post is None:
+        return False
+    creator = str(post["creatorId"])
+    if creator == user_id:
+        return True
+    if not post["isLocked"] and not post["minSubscriptionTier"]:
+        return True
+    if await store.has_active_subscription(user_id, creator):
+        return True
+    return await store.has_purchase(user_id, post_id)

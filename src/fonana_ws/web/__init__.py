@@ -1,0 +1,1 @@
+"""The Starlette app: the WebSocket endpoint (driver of the protocol session), HTTP routes, metrics."""
