@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from pathlib import Path
 from typing import Any
 
+import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fonana_ws.broker import mask_url
-from fonana_ws.config import Settings
+from fonana_ws.config import ConfigError, Settings, load_settings
 from fonana_ws.db import Store
 
 out = Console(highlight=False, soft_wrap=True)
@@ -17,10 +21,25 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def settings_or_exit(**overrides: str | None) -> Settings:
-    """The main command's loader (exit 2 naming a bad setting), imported late: main imports us."""
-    from .main import settings_or_exit as load
+    """Settings from the environment with CLI options on top; a bad value exits 2 naming the setting."""
+    environ = dict(os.environ)
+    environ.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return load_settings(environ)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as exc:  # the data directory (FONANA_WS_DATA_DIR) cannot be created or read
+        err.print(f"[red]configuration error:[/red] FONANA_WS_DATA_DIR: {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
 
-    return load(**overrides)
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``7d`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not a duration like 30m, 2h or 7d")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 class DatabaseProblem(Exception):

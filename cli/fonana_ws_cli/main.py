@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from fonana_ws.auth import create_token
-from fonana_ws.config import ConfigError, Settings, load_settings
+from fonana_ws.config import ConfigError
+
+from .common import err, parse_duration, settings_or_exit
 
 app = typer.Typer(help="Fonana's real-time WebSocket server.", no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
-
-
-def settings_or_exit(**overrides: str | None) -> Settings:
-    """Settings from the environment with CLI options on top; a bad value exits 2 naming the setting."""
-    environ = dict(os.environ)
-    environ.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return load_settings(environ)
-    except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-    except OSError as exc:  # the data directory (FONANA_WS_DATA_DIR) cannot be created or read
-        err.print(f"[red]configuration error:[/red] FONANA_WS_DATA_DIR: {escape(str(exc))}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``2h``, ``7d`` -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match:
-        raise typer.BadParameter(f"{text!r} is not a duration like 30m, 2h or 7d")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 @app.command()
@@ -99,7 +76,7 @@ def token(
     sys.stdout.write(create_token(settings.jwt_secret, user, parse_duration(expires)) + "\n")
 
 
-from . import ops, send  # noqa: E402  (they use the helpers above)
+from . import ops, send  # noqa: E402  (commands register on the app above)
 
 app.add_typer(send.app, name="send")
 ops.register(app)

@@ -24,7 +24,16 @@ from fonana_ws.auth import AuthError, create_token, verify_with
 from fonana_ws.broker import mask_url
 from fonana_ws.config import Settings
 
-from .common import DatabaseProblem, err, find_user, open_store, out, settings_or_exit, user_row
+from .common import (
+    DatabaseProblem,
+    err,
+    find_user,
+    open_store,
+    out,
+    parse_duration,
+    settings_or_exit,
+    user_row,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -172,8 +181,6 @@ def find_user_command(
 ) -> None:
     """Find a user to test with in the configured database and print its id (and, with --token, a
     ready token on the next line). Details go to standard error. Exit 1 when none is found."""
-    from .main import parse_duration
-
     settings = settings_or_exit()
     lifetime = parse_duration(expires)
 

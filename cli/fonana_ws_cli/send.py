@@ -84,7 +84,7 @@ _REFUSALS = {
 
 def via_http(path: str, body: dict[str, Any], url: str | None, api_key: str | None) -> dict[str, Any]:
     if url is None or api_key is None:
-        from .main import settings_or_exit
+        from .common import settings_or_exit
 
         settings = settings_or_exit()
         if url is None:
@@ -123,7 +123,7 @@ def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
     from fonana_ws.fonana.publisher import PublishError
     from fonana_ws.web.events_api import BY_NAME, prepare
 
-    from .main import settings_or_exit
+    from .common import settings_or_exit
 
     settings = settings_or_exit()
     if settings.broker_kind == "memory":

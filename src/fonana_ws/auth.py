@@ -7,6 +7,7 @@ the browser (which cannot read an HTTP 403) sees it in the 1008 close frame.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from collections.abc import Mapping
 from urllib.parse import parse_qs
@@ -26,6 +27,19 @@ class AuthError(Exception):
         self.reason = f"Unauthorized: {detail}"
 
 
+def bearer(authorization: str) -> str:
+    """The credential of an ``Authorization: Bearer <credential>`` header; "" for any other header."""
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return ""
+
+
+def api_key_matches(authorization: str, key: str | None) -> bool:
+    """True when the header carries ``key`` as its Bearer credential (compared in constant time)."""
+    given = bearer(authorization)
+    return bool(key and given and hmac.compare_digest(given.encode(), key.encode()))
+
+
 def token_from_scope(query_string: bytes, headers: Mapping[str, str], subprotocols: list[str]) -> str | None:
     """The token from ``?token=``, then ``Authorization: Bearer``, then a ``Sec-WebSocket-Protocol`` entry.
 
@@ -35,9 +49,9 @@ def token_from_scope(query_string: bytes, headers: Mapping[str, str], subprotoco
     query = parse_qs(query_string.decode("latin-1"))
     if query.get("token") and query["token"][0]:
         return query["token"][0]
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer " and auth[7:].strip():
-        return auth[7:].strip()
+    token = bearer(headers.get("authorization", ""))
+    if token:
+        return token
     for proto in subprotocols:
         if proto.startswith("bearer."):
             return proto[len("bearer.") :]

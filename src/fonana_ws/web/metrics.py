@@ -11,13 +11,9 @@ requests that carry the server API key as ``Authorization: Bearer``; anyone else
 from __future__ import annotations
 
 import asyncio
-import hmac
-import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -32,9 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from fonana_ws.auth import api_key_matches
 from fonana_ws.net import is_local_request
 from fonana_ws.protocol.channels import ID_FIELDS, channel_type
 from fonana_ws.stats import publish_latency
+from fonana_ws.transport.listener import side_listener
 
 if TYPE_CHECKING:
     from fonana_ws.web.services import Services
@@ -232,9 +230,7 @@ def allowed(request: Request) -> bool:
     if is_local_request(request.scope):
         return True
     key = request.app.state.services.settings.api_key
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    return bool(key and given and hmac.compare_digest(given.encode(), key.encode()))
+    return api_key_matches(request.headers.get("authorization", ""), key)
 
 
 def unauthorized() -> Response:
@@ -266,39 +262,8 @@ routes: list[BaseRoute] = [
 ]
 
 
-class _QuietServer(uvicorn.Server):
-    """The main server owns the signals; this one stops when the app does."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def start_metrics_server(
-    services: Any, host: str, port: int
-) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+async def start_metrics_server(services: Any, host: str, port: int) -> tuple[Any, asyncio.Task[None]]:
     """Serve ``/metrics`` and ``/stats`` (same access rule) on a port of their own, as METRICS_PORT did."""
     app = Starlette(routes=routes)
     app.state.services = services
-    # Bound here, so that a taken port is an OSError naming it rather than uvicorn's sys.exit().
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"METRICS_PORT: cannot listen on {host}:{port}: {exc.strerror}") from None
-    from fonana_ws.transport.http_edge import EdgeHttpProtocol
-
-    config = uvicorn.Config(
-        app, lifespan="off", log_config=None, access_log=False, http=EdgeHttpProtocol, ws="none"
-    )
-    server = _QuietServer(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()  # raises why it could not start (port taken, ...)
-            raise RuntimeError(f"metrics server on {host}:{port} did not start")
-        await asyncio.sleep(0.01)
-    return server, task
+    return await side_listener(app, host, port, setting="METRICS_PORT")
