@@ -1887,6 +1887,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ours-port", type=int, default=8102, help="port for --spawn-ours (and the next ones)")
     p.add_argument(
+        "--ours-checkout",
+        action="append",
+        metavar="NAME=DIR",
+        help="also start the fonana-ws of another checkout (DIR/.venv/bin/python, e.g. the commit before a "
+        "change) as target NAME, next to --spawn-ours: before/after in one run (repeatable)",
+    )
+    p.add_argument(
         "--ours-procs",
         type=int,
         default=1,
@@ -1982,11 +1989,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(a.only) - {"sustain", "latency", "cpu", "memory", "connect"}
     if bad:
         p.error(f"unknown measurement(s) in --only: {', '.join(sorted(bad))}")
-    if a.spawn_peer or a.spawn_ours:
+    if a.spawn_peer or a.spawn_ours or a.ours_checkout:
         a.secret = a.secret or "fonana-bench-secret-0123456789abcdef"
         a.api_key = a.api_key or "bench-api-key-0123456789"
     if not a.secret or not a.api_key:
         p.error("--secret and --api-key are required (or $JWT_SECRET / $WS_API_KEY, or --spawn-peer)")
+    a.ours_checkout = a.ours_checkout or []
+    if a.ours_checkout:
+        a.spawn_ours = True
     if not a.target and not a.spawn_peer and not a.spawn_ours:
         p.error("give at least one --target NAME=WS_URL,HTTP_URL, --spawn-peer or --spawn-ours")
     if a.workers is None:
@@ -2061,6 +2071,16 @@ def main(argv: list[str] | None = None) -> int:
         if a.spawn_ours
         else None
     )
+    others: list[tuple[str, Ours]] = []
+    for i, spec in enumerate(a.ours_checkout, 1):
+        name, _, folder = spec.partition("=")
+        python = Path(folder) / ".venv" / "bin" / "python"
+        if not name or not python.is_file():
+            raise SystemExit(f"bad --ours-checkout {spec!r}: need NAME=DIR with DIR/.venv/bin/python")
+        port = a.ours_port + 10 * i
+        others.append(
+            (name, Ours(port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, 1, str(python)))
+        )
     targets: list[Target] = []
     try:
         if peer:
@@ -2070,6 +2090,10 @@ def main(argv: list[str] | None = None) -> int:
             ws_url, http_url, pids = ours.start()
             log(f"ours: pids {pids} from port {a.ours_port}, CPUs {a.server_cpus}, broker {a.ours_broker}")
             name = "ours" if a.ours_procs == 1 else f"ours x{a.ours_procs} ({a.ours_broker.split(':')[0]})"
+            targets.append(Target(name, ws_url, http_url, pids=pids))
+        for name, other in others:
+            ws_url, http_url, pids = other.start()
+            log(f"{name}: pids {pids} ({other.python}), CPUs {a.server_cpus}, broker {a.ours_broker}")
             targets.append(Target(name, ws_url, http_url, pids=pids))
         targets.extend(parse_targets(a))
         with contextlib.suppress(OSError, AttributeError):
@@ -2091,6 +2115,8 @@ def main(argv: list[str] | None = None) -> int:
             peer.stop()
         if ours:
             ours.stop()
+        for _name, other in others:
+            other.stop()
     report(targets, a)
     if a.json:
         out = {

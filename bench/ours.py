@@ -53,6 +53,7 @@ class Ours:
         users: list[str],
         broker: str = "memory://",
         procs: int = 1,
+        python: str = sys.executable,
     ) -> None:
         if procs > 1 and broker.startswith("memory"):
             raise ValueError("several processes need a shared broker: --ours-broker redis://...")
@@ -63,6 +64,8 @@ class Ours:
         self.users = users
         self.broker = broker
         self.count = procs
+        #: The interpreter whose fonana_ws is measured: another checkout's venv compares two versions.
+        self.python = python
         self.dir = Path(tempfile.mkdtemp(prefix="fonana-ws-bench-"))
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Any] = []
@@ -87,7 +90,7 @@ class Ours:
             FONANA_WS_DATA_DIR=str(self.dir),
             LOG_LEVEL="warning",
         )
-        cmd = [sys.executable, "-m", "fonana_ws", "serve"]
+        cmd = [self.python, "-m", "fonana_ws", "serve"]
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", self.cpus, *cmd]
         logf = open(self.dir / f"server-{port}.log", "ab")  # noqa: SIM115 - closed in stop()
