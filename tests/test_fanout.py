@@ -73,7 +73,8 @@ async def test_one_broker_subscription_per_key_and_released_by_the_last(
     channel = envelope.key_channel(key)
     await asyncio.gather(*(c.subscribe({"type": "creator", "id": key.split("_", 1)[1]}) for c in clients))
     hub = server.services.hub
-    assert channel in hub._subs and len(hub.by_key[key]) == 30
+    assert channel in hub.subscriptions and len(hub.by_key[key]) == 30
+    assert hub.subscriptions.count(channel) == 30
     assert calls.count(("subscribe", channel)) == 1
     # the users' direct channels: one each, however many tabs
     assert sorted(c for n, c in calls if n == "subscribe" and c != channel) == sorted(
@@ -85,7 +86,8 @@ async def test_one_broker_subscription_per_key_and_released_by_the_last(
         if ("unsubscribe", channel) in calls:
             break
         await asyncio.sleep(0.02)
-    assert key not in hub.by_key and channel not in hub._subs
+    assert key not in hub.by_key and channel not in hub.subscriptions
+    assert hub.subscriptions.count(channel) == 0
     assert calls.count(("unsubscribe", channel)) == 1
 
 

@@ -3,7 +3,7 @@
 broadcaster 0.3.1's own PostgreSQL backend runs concurrent LISTENs on one asyncpg connection
 ("another operation is in progress"), dies silently when the connection drops, passes channel names
 to LISTEN as they are (truncated past 63 bytes) and cannot send payloads of 8000 bytes or more.
-This one serializes every operation on its listen connection, counts subscribers per channel, hashes
+This one serializes every operation on its listen connection, hashes
 channel names into LISTEN identifiers, moves large payloads through a table of its own, and
 reconnects with backoff, listening again on every channel still in use.
 """
@@ -136,7 +136,8 @@ class PostgresBackend(Supervised, BroadcastBackend):
         self._max_backoff = max_backoff
         self._max_payload = max_payload
         self._pool_size = pool_size
-        self._refs: dict[str, int] = {}
+        #: Channels in use; the hub's registry (fanout/subscriptions.py) counts their subscribers.
+        self._wanted: set[str] = set()
         self._names: dict[str, str] = {}  # LISTEN identifier -> channel
         self._locks = KeyedLocks()
         # asyncpg allows one operation at a time per connection.
@@ -166,26 +167,26 @@ class PostgresBackend(Supervised, BroadcastBackend):
 
     async def disconnect(self) -> None:
         await self._stop()
-        self._refs.clear()
+        self._wanted.clear()
         self._names.clear()
         self._notes.put_nowait(None)
 
     async def subscribe(self, channel: str) -> None:
-        """Count one more subscriber; LISTEN for real only for the first. Never raises when down."""
+        """Mark the channel in use and LISTEN unless it already is; never raises when down.
+
+        Idempotent: the process's one subscription registry counts subscribers, so a backend sees each
+        channel subscribed once and unsubscribed once (broadcaster's own backends behave the same).
+        """
         async with self._locks.hold(channel):
-            self._refs[channel] = self._refs.get(channel, 0) + 1
+            self._wanted.add(channel)
             self._names[channel_ident(channel)] = channel
             if channel not in self._live:
                 await self._change(channel, listen=True)
 
     async def unsubscribe(self, channel: str) -> None:
-        """Count one subscriber less; UNLISTEN for real when the last one leaves."""
+        """The channel is no longer in use: UNLISTEN."""
         async with self._locks.hold(channel):
-            count = self._refs.get(channel, 0) - 1
-            if count > 0:
-                self._refs[channel] = count
-                return
-            self._refs.pop(channel, None)
+            self._wanted.discard(channel)
             self._names.pop(channel_ident(channel), None)
             if channel in self._live:
                 await self._change(channel, listen=False)
@@ -308,7 +309,7 @@ class PostgresBackend(Supervised, BroadcastBackend):
         """LISTEN/UNLISTEN on the live connection, if any; a failure ends that connection."""
         conn = self._listen
         if conn is None:
-            return  # down: _refs is the record, the next session applies it
+            return  # down: _wanted is the record, the next session applies it
         try:
             await self._listen_or_unlisten(channel, listen)
         except Exception as exc:
@@ -373,9 +374,9 @@ class PostgresBackend(Supervised, BroadcastBackend):
 
     async def _relisten(self) -> None:
         # One at a time: the listen connection takes one operation at a time anyway.
-        for channel in list(self._refs):
+        for channel in list(self._wanted):
             async with self._locks.hold(channel):
-                if channel in self._refs and channel not in self._live:
+                if channel in self._wanted and channel not in self._live:
                     await self._listen_or_unlisten(channel, True)
 
     async def _watch(self) -> None:

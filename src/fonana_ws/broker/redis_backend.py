@@ -2,7 +2,7 @@
 
 broadcaster 0.3.1's own Redis backend delivers nothing with redis-py 8, loses subscribers when the
 same channel is subscribed concurrently and dies silently when the connection drops. This one keeps
-one PubSub connection for all channels, counts subscribers per channel, and reconnects with backoff,
+one PubSub connection for all channels, and reconnects with backoff,
 re-subscribing every channel still in use.
 """
 
@@ -82,7 +82,8 @@ class RedisBackend(Supervised, BroadcastBackend):
         self._health_interval = health_interval
         self._max_backoff = max_backoff
         self._max_payload = max_payload
-        self._refs: dict[str, int] = {}
+        #: Channels in use; the hub's registry (fanout/subscriptions.py) counts their subscribers.
+        self._wanted: set[str] = set()
         self._locks = KeyedLocks()
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._up = asyncio.Event()
@@ -128,24 +129,24 @@ class RedisBackend(Supervised, BroadcastBackend):
         if self._publisher is not None:
             await self._publisher.aclose()
             self._publisher = None
-        self._refs.clear()
+        self._wanted.clear()
         self._events.put_nowait(None)
 
     async def subscribe(self, channel: str) -> None:
-        """Count one more subscriber; SUBSCRIBE for real only for the first. Never raises when down."""
+        """Mark the channel in use and SUBSCRIBE unless it already is; never raises when down.
+
+        Idempotent: the process's one subscription registry counts subscribers, so a backend sees each
+        channel subscribed once and unsubscribed once (broadcaster's own backends behave the same).
+        """
         async with self._locks.hold(channel):
-            self._refs[channel] = self._refs.get(channel, 0) + 1
+            self._wanted.add(channel)
             if channel not in self._live:
                 await self._change("subscribe", channel)
 
     async def unsubscribe(self, channel: str) -> None:
-        """Count one subscriber less; UNSUBSCRIBE for real when the last one leaves."""
+        """The channel is no longer in use: UNSUBSCRIBE."""
         async with self._locks.hold(channel):
-            count = self._refs.get(channel, 0) - 1
-            if count > 0:
-                self._refs[channel] = count
-                return
-            self._refs.pop(channel, None)
+            self._wanted.discard(channel)
             if channel in self._live:
                 await self._change("unsubscribe", channel)
 
@@ -216,7 +217,7 @@ class RedisBackend(Supervised, BroadcastBackend):
         """SUBSCRIBE/UNSUBSCRIBE on the live connection, if any; a failure ends that connection."""
         pubsub = self._pubsub
         if pubsub is None:
-            return  # down: _refs is the record, the next session applies it
+            return  # down: _wanted is the record, the next session applies it
         try:
             await self._send_and_confirm(pubsub, kind, channel)
         except _DOWN_ERRORS as exc:
@@ -286,12 +287,12 @@ class RedisBackend(Supervised, BroadcastBackend):
     async def _resubscribe(self, pubsub: PubSub) -> None:
         async def one(channel: str) -> None:
             async with self._locks.hold(channel):
-                if channel in self._refs and channel not in self._live:
+                if channel in self._wanted and channel not in self._live:
                     await self._send_and_confirm(pubsub, "subscribe", channel)
                     self._live.add(channel)
 
         # Concurrently, so that thousands of channels cost one round trip rather than thousands.
-        results = await asyncio.gather(*(one(ch) for ch in list(self._refs)), return_exceptions=True)
+        results = await asyncio.gather(*(one(ch) for ch in list(self._wanted)), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -326,7 +327,7 @@ class RedisBackend(Supervised, BroadcastBackend):
         if kind == "message":
             channel = _text(message["channel"])
             # A message can still arrive just after the last subscriber left.
-            if channel in self._refs:
+            if channel in self._wanted:
                 self._events.put_nowait(Event(channel=channel, message=_text(message["data"])))
         elif kind in ("subscribe", "unsubscribe"):
             confirm = self._confirms.get(_text(message["channel"]))

@@ -6,6 +6,9 @@ loop iteration, so a burst of events costs one syscall per recipient instead of 
 the direct path (another ASGI server, permessage-deflate negotiated) a writer task drains a queue through
 ASGI ``send``. Either way the backlog is bounded in bytes: a client that stops reading is cut off with
 close code 1013, and the hub is never blocked by it.
+
+The direct path is an ``Outlet`` the connection is handed (``transport.wire.Wire`` is one, taken by the
+endpoint from the ASGI scope): this layer imports nothing of the socket library or of HTTP.
 """
 
 from __future__ import annotations
@@ -14,18 +17,52 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from typing import Any
-
-from starlette.websockets import WebSocket
+from typing import Any, Protocol, runtime_checkable
 
 from fonana_ws.protocol.frames import CLOSE_SLOW_CONSUMER, binary_frame, text_frame
-from fonana_ws.transport.wire import EXTENSION, Wire
 
 log = logging.getLogger("fonana_ws.connection")
 _ids = itertools.count(1)
 _EMPTY: deque[str | bytes] = deque(maxlen=0)
 #: Multi-target event ids each connection remembers (see ``seen_multi``).
 RECENT_MULTI = 32
+
+
+@runtime_checkable
+class Outlet(Protocol):
+    """The direct path's handle on one socket's transport (cf. centrifuge's ``Transport``).
+
+    Frames come pre-built (RFC 6455 bytes), and the ``Outbox`` hands ``write`` all of a connection's frames
+    of one loop turn at once. The transport's own flow control is bypassed, so ``buffered`` is how a client
+    that stopped reading is noticed.
+    """
+
+    @property
+    def usable(self) -> bool:
+        """Frames may be written directly: open, and nothing (permessage-deflate) to apply to them."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Write whole frames, at once; nothing once the socket is closing."""
+        ...
+
+    def buffered(self) -> int:
+        """Bytes written that the kernel has not taken yet."""
+        ...
+
+    def cut(self, code: int, reason: str) -> None:
+        """Close now, without waiting for a peer that may never read: close frame, then abort."""
+        ...
+
+
+class AsgiSocket(Protocol):
+    """The fallback path: ASGI ``send`` through Starlette's ``WebSocket`` (~10 µs a frame)."""
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
 
 
 class Outbox:
@@ -60,11 +97,10 @@ class Connection:
         "user_id",
         "client",
         "keys",
-        "sent_unread",
         "closed",
         "close_reason",
         "_websocket",
-        "_wire",
+        "_outlet",
         "_outbox",
         "_limit",
         "_pending",
@@ -79,23 +115,24 @@ class Connection:
 
     def __init__(
         self,
-        websocket: WebSocket,
+        websocket: AsgiSocket,
         user_id: str,
         outbox: Outbox,
         *,
         limit: int,
         client: str = "",
+        outlet: Outlet | None = None,
     ) -> None:
         self.id = next(_ids)
         self.user_id = user_id
         self.client = client
+        #: Keys joined in the hub (also the session's: ``protocol.session.Session.keys``).
         self.keys: set[str] = set()
-        self.sent_unread = False
         self.closed = False
         self.close_reason = ""
         self._websocket = websocket
-        wire = websocket.scope.get("extensions", {}).get(EXTENSION)
-        self._wire: Wire | None = wire if wire is not None and wire.usable else None
+        #: Kept even when not usable for writes (permessage-deflate): ``cut`` goes through it all the same.
+        self._outlet = outlet
         self._outbox = outbox
         self._limit = limit
         self._pending: list[bytes] = []
@@ -106,14 +143,15 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self.on_slow: Any = None
         self._recent_multi: list[str] | None = None
-        if self._wire is None:
+        # No writer task is what marks the direct path: one slot less per connection than a flag.
+        if outlet is None or not outlet.usable:
             self._queue = deque()  # the direct path never queues: no deque (~600 B) for it
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     @property
     def direct(self) -> bool:
         """True when frames go straight to the transport (the fast path)."""
-        return self._wire is not None
+        return self._writer is None
 
     def send(self, text: str | bytes, wire: bytes) -> None:
         """Queue one pre-built frame. Never blocks; a connection over its limit is cut instead.
@@ -123,7 +161,7 @@ class Connection:
         """
         if self.closed:
             return
-        if self._wire is not None:
+        if self._writer is None:
             if not self._pending:
                 self._outbox.mark(self)
             self._pending.append(wire)
@@ -174,10 +212,10 @@ class Connection:
         data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending = []
         self._pending_bytes = 0
-        wire = self._wire
-        assert wire is not None
-        wire.write(data)
-        if wire.buffered() > self._limit:
+        outlet = self._outlet
+        assert outlet is not None
+        outlet.write(data)
+        if outlet.buffered() > self._limit:
             self._slow()
 
     async def _write_loop(self) -> None:
@@ -216,9 +254,8 @@ class Connection:
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()
-        wire = self._websocket.scope.get("extensions", {}).get(EXTENSION)
-        if wire is not None:
-            wire.cut(code, reason)
+        if self._outlet is not None:
+            self._outlet.cut(code, reason)
         else:
             asyncio.get_running_loop().create_task(self._close_asgi(code, reason))
 

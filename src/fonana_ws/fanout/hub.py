@@ -1,21 +1,20 @@
 """Key -> local connections, user -> local connections, and the fan-out.
 
-The hub holds one broker subscription per broker channel (a channel key, or a user's direct channel)
-however many local connections want it (no task or queue per channel: the broker hands every message to
-``on_message``), decodes each broker message once, builds the outgoing frame
-once, and hands the same bytes to every local recipient. Nothing here awaits per recipient.
+The hub holds one broker subscription per broker topic (a channel key, or a user's direct topic) however
+many local connections want it (``subscriptions.Subscriptions`` counts them; no task or queue per channel:
+the broker hands every message to ``on_message``), decodes each broker message once, builds the outgoing
+frame once, and hands the same bytes to every local recipient. Nothing here awaits per recipient.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 import orjson
 
 from fonana_ws.broker import Broker
 from fonana_ws.fanout.connection import Connection, Outbox
+from fonana_ws.fanout.subscriptions import Subscriptions
 from fonana_ws.protocol import envelope as env
 from fonana_ws.protocol.frames import text_frame
 from fonana_ws.stats import Stats
@@ -31,19 +30,21 @@ class Hub:
         self.by_key: dict[str, set[Connection]] = {}
         self.by_user: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
-        #: Broker channel -> its subscribe task; present while some local connection wants the channel.
-        self._subs: dict[str, asyncio.Task[None]] = {}
-        self._ops: dict[str, asyncio.Task[None]] = {}
+        #: Each connection holds its user's direct topic and one topic per key it joined.
+        self.subscriptions = Subscriptions(broker, self.stats)
         broker.listen(self.on_message)
 
     # -- membership -------------------------------------------------------------------------------
 
     async def add_connection(self, conn: Connection) -> None:
-        """Register an authenticated connection for its user's direct events."""
+        """Register an authenticated connection for its user's direct events.
+
+        Whether or not this raises, ``remove_connection`` undoes it.
+        """
         self.connections.add(conn)
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         self.stats.connections_opened += 1
-        await self._want(env.user_channel(conn.user_id))
+        await self.subscriptions.acquire(env.user_channel(conn.user_id))
 
     async def remove_connection(self, conn: Connection) -> None:
         """Forget a connection: leave every key, release subscriptions nobody else here needs."""
@@ -58,16 +59,20 @@ class Hub:
             users.discard(conn)
             if not users:
                 del self.by_user[conn.user_id]
-                self._release(env.user_channel(conn.user_id))
+        self.subscriptions.release(env.user_channel(conn.user_id))
 
     async def join(self, conn: Connection, key: str) -> None:
-        """Add ``conn`` to ``key``; returns once this process receives the key's events."""
+        """Add ``conn`` to ``key``; returns once this process receives the key's events.
+
+        A connection that joined ``key`` already (its subscribe repeated) returns at once.
+        """
         conns = self.by_key.setdefault(key, set())
-        if conn not in conns:
-            conns.add(conn)
-            conn.keys.add(key)
+        if conn in conns:
+            return
+        conns.add(conn)
+        conn.keys.add(key)
         try:
-            await self._want(env.key_channel(key))
+            await self.subscriptions.acquire(env.key_channel(key))
         except BaseException:
             self._drop(conn, key)
             raise
@@ -76,57 +81,15 @@ class Hub:
         self._drop(conn, key)
 
     def _drop(self, conn: Connection, key: str) -> None:
+        """``conn`` leaves ``key``; its acquire of the key's topic is released once, by whoever gets here."""
         conn.keys.discard(key)
         conns = self.by_key.get(key)
-        if conns is None:
+        if conns is None or conn not in conns:
             return
         conns.discard(conn)
         if not conns:
             del self.by_key[key]
-            self._release(env.key_channel(key))
-
-    # -- broker subscriptions -----------------------------------------------------------------------
-
-    async def _want(self, channel: str) -> None:
-        """Subscribe this process to ``channel`` unless it already is; wait until it is."""
-        ready = self._subs.get(channel)
-        if ready is None:
-            ready = self._subs[channel] = self._in_order(channel, self.broker.subscribe)
-            self.stats.broker_subscriptions += 1
-        try:
-            await asyncio.shield(ready)
-        except Exception:
-            if self._subs.get(channel) is ready:
-                del self._subs[channel]
-                self.stats.broker_subscriptions -= 1
-            raise
-
-    def _release(self, channel: str) -> None:
-        """Nobody here wants ``channel`` any more: unsubscribe (after any pending subscribe)."""
-        if self._subs.pop(channel, None) is not None:
-            self.stats.broker_subscriptions -= 1
-            self._in_order(channel, self.broker.unsubscribe)
-
-    def _in_order(self, channel: str, op: Callable[[str], Awaitable[None]]) -> asyncio.Task[None]:
-        """Run ``op`` after the previous (un)subscribe of ``channel``: the broker sees them in order."""
-        before = self._ops.get(channel)
-
-        async def run() -> None:
-            if before is not None:
-                await asyncio.wait([before])
-            await op(channel)
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._ops[channel] = task
-
-        def done(t: asyncio.Task[None]) -> None:
-            if self._ops.get(channel) is t:
-                del self._ops[channel]
-            if not t.cancelled() and t.exception() is not None and channel not in self._subs:
-                log.warning("broker (un)subscribe of %s failed: %s", channel, t.exception())
-
-        task.add_done_callback(done)
-        return task
+        self.subscriptions.release(env.key_channel(key))
 
     def on_message(self, channel: str, message: str) -> None:
         """A broker message for ``channel``: its local connections are the target."""
@@ -174,7 +137,4 @@ class Hub:
         self.outbox.flush()
         for conn in list(self.connections):
             conn.cut(code, reason)
-        for channel in list(self._subs):
-            self._release(channel)
-        if self._ops:
-            await asyncio.wait(list(self._ops.values()), timeout=2)
+        await self.subscriptions.close()

@@ -1,8 +1,13 @@
-"""The WebSocket endpoint: one socket's life, gluing auth, channels and the hub together."""
+"""The WebSocket endpoint: one socket's life, gluing auth, the protocol session and the hub together.
+
+What a client frame means is ``protocol.session.Session``'s to decide; this driver feeds it the frames and
+carries out what it asks for: the access check, the hub's join and leave, the replies.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 from starlette.endpoints import WebSocketEndpoint
@@ -15,8 +20,9 @@ from fonana_ws.fonana.policy import may_subscribe
 from fonana_ws.logs import lifecycle
 from fonana_ws.net import client_address
 from fonana_ws.protocol import frames as protocol
-from fonana_ws.protocol.channels import ChannelError, channel_key, channel_type
-from fonana_ws.transport.wire import EXTENSION
+from fonana_ws.protocol.channels import channel_type
+from fonana_ws.protocol.session import Action, CheckAccess, Join, Leave, Reply, SendUnread, Session
+from fonana_ws.transport.wire import EXTENSION, Wire
 from fonana_ws.web.admission import origin_allowed
 from fonana_ws.web.services import Services
 
@@ -28,6 +34,7 @@ class FonanaEndpoint(WebSocketEndpoint):
 
     encoding = None
     conn: Connection | None = None
+    session: Session | None = None
     #: The first frame dropped for the rate is logged; the rest of the connection's are only counted.
     rate_logged = False
     #: This connection holds one of its user's WS_MAX_CONNECTIONS_PER_USER slots.
@@ -38,6 +45,11 @@ class FonanaEndpoint(WebSocketEndpoint):
     @property
     def services(self) -> Services:
         return self.scope["app"].state.services
+
+    @property
+    def wire(self) -> Wire | None:
+        """The direct write path ``FonanaWSProtocol`` offers in the scope; None under other servers."""
+        return (self.scope.get("extensions") or {}).get(EXTENSION)
 
     async def dispatch(self) -> None:
         websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
@@ -129,13 +141,14 @@ class FonanaEndpoint(WebSocketEndpoint):
         # Everything needed from the handshake headers has been read; an idle socket need not keep them.
         self.scope["headers"] = []
         limit = self.services.settings.send_buffer
-        conn = Connection(websocket, user_id, self.services.hub.outbox, limit=limit, client=address)
+        outbox = self.services.hub.outbox
+        conn = Connection(websocket, user_id, outbox, limit=limit, client=address, outlet=self.wire)
         conn.on_slow = self._on_slow
         return conn
 
     def authenticated(self) -> None:
         """The handshake deadline no longer applies to this socket."""
-        wire = self.scope["extensions"].get(EXTENSION)
+        wire = self.wire
         if wire is not None:
             wire.authenticated()
 
@@ -164,6 +177,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             await self._release(conn)
             await websocket.close(1011, "Broker unavailable, try again")
             return
+        self.session = Session(user_id, services.settings.max_subscriptions, keys=conn.keys)
         self.conn = conn
         self.authenticated()
         lifecycle(logging.INFO, "connected", conn=conn.id, user=user_id, client=address, direct=conn.direct)
@@ -201,68 +215,56 @@ class FonanaEndpoint(WebSocketEndpoint):
         return True
 
     async def on_receive(self, websocket: WebSocket, data: Any) -> None:
-        conn = self.conn
-        assert conn is not None
+        conn, session = self.conn, self.session
+        assert conn is not None and session is not None
         if self._over_rate(conn):
             return
-        try:
-            frame = protocol.parse_frame(data)
-        except protocol.FrameError:
-            conn.send_text(protocol.error(protocol.INVALID_FORMAT))
-            return
-        if frame.type == "ping":
-            conn.send_text(protocol.PONG)
-            return
-        try:
-            key = channel_key(frame.channel)
-        except ChannelError:
-            conn.send_text(protocol.error(protocol.INVALID_FORMAT, frame.channel))
-            return
-        if frame.type == "subscribe":
-            await self._subscribe(conn, frame.channel, key)
-        else:
-            self.services.hub.leave(conn, key)
-            conn.send_text(protocol.unsubscribed(frame.channel, key))
+        await self.perform(conn, session, session.receive(data))
 
-    async def _subscribe(self, conn: Connection, channel: Any, key: str) -> None:
-        services = self.services
-        limit = services.settings.max_subscriptions
-        if key not in conn.keys and len(conn.keys) >= limit:
-            # Any user may join any creator_C: without a cap one socket could make the process hold
-            # (and the broker carry) an unbounded number of subscriptions.
-            conn.send_text(
-                protocol.error(
-                    protocol.SUBSCRIBE_FAILED, channel, reason=f"subscription limit ({limit}) reached"
-                )
-            )
-            return
+    async def perform(self, conn: Connection, session: Session, actions: list[Action]) -> None:
+        """Carry out the session's actions in order; what the I/O decided goes back in for the next ones."""
+        todo = deque(actions)
+        while todo:
+            match todo.popleft():
+                case Reply(text):
+                    conn.send_text(text)
+                case CheckAccess(key):
+                    todo.extend(await self._check_access(conn, session, key))
+                case Join(key):
+                    todo.extend(await self._join(conn, session, key))
+                case Leave(key):
+                    self.services.hub.leave(conn, key)
+                case SendUnread():
+                    todo.extend(await self._load_unread(conn, session))
+                case other:
+                    raise TypeError(f"no driver for session action {other!r}")
+
+    async def _check_access(self, conn: Connection, session: Session, key: str) -> list[Action]:
         try:
-            allowed = await may_subscribe(services.store, conn.user_id, key)
+            allowed = await may_subscribe(self.services.store, conn.user_id, key)
         except Exception as exc:
             log.error("access check failed conn=%s key=%s: %s", conn.id, key, exc)
-            conn.send_text(protocol.error(protocol.SUBSCRIBE_FAILED, channel))
-            return
+            return session.access_failed(key)
         if not allowed:
             lifecycle(logging.INFO, "denied", conn=conn.id, user=conn.user_id, client=conn.client, key=key)
-            conn.send_text(protocol.error(protocol.ACCESS_DENIED, channel))
-            return
+        return session.access_decided(key, allowed)
+
+    async def _join(self, conn: Connection, session: Session, key: str) -> list[Action]:
         try:
-            await services.hub.join(conn, key)
+            await self.services.hub.join(conn, key)
         except Exception as exc:
             log.error("subscribe failed conn=%s key=%s: %s", conn.id, key, exc)
-            conn.send_text(protocol.error(protocol.SUBSCRIBE_FAILED, channel))
-            return
-        services.stats.subscriptions[channel_type(key)] += 1
-        conn.send_text(protocol.subscribed(channel, key))
-        if key == f"notifications_{conn.user_id}" and not conn.sent_unread:
-            conn.sent_unread = True
-            try:
-                unread = await services.store.unread_notifications(conn.user_id)
-            except Exception as exc:
-                log.error("unread notifications failed conn=%s: %s", conn.id, exc)
-                return
-            if unread:
-                conn.send_text(protocol.unread_notifications(unread))
+            return session.joined(key, False)
+        self.services.stats.subscriptions[channel_type(key)] += 1
+        return session.joined(key, True)
+
+    async def _load_unread(self, conn: Connection, session: Session) -> list[Action]:
+        try:
+            unread = await self.services.store.unread_notifications(conn.user_id)
+        except Exception as exc:
+            log.error("unread notifications failed conn=%s: %s", conn.id, exc)
+            return []
+        return session.unread_loaded(unread)
 
     async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
         conn = self.conn

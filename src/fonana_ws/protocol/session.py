@@ -1,0 +1,171 @@
+"""One socket's protocol rules (protocol §1–§2) as a state machine that does no I/O.
+
+In the manner of websockets' sans-I/O ``Protocol``: the driver (``web.endpoint``) feeds each client frame
+to ``Session.receive`` and carries out the actions it returns, in order: a reply to send, an access check
+to make, the hub to join or leave, the unread notifications to load. What that I/O decided comes back in
+through ``access_decided`` / ``access_failed``, ``joined`` and ``unread_loaded``, which return the next
+actions. Every rule is thus a plain function call in ``tests/unit/test_session.py``, and the endpoint only
+awaits and moves bytes.
+
+Frames are handled one at a time, in the order they came (protocol §1): a subscribe must be decided
+(refused, failed or joined) before the next frame is fed. Inbound rate limits are the endpoint's: they
+come before parsing and are shared with the conformance echo, which has no session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from fonana_ws.protocol.channels import ChannelError, channel_key
+from fonana_ws.protocol.frames import (
+    ACCESS_DENIED,
+    INVALID_FORMAT,
+    PONG,
+    SUBSCRIBE_FAILED,
+    FrameError,
+    error,
+    parse_frame,
+    subscribed,
+    unread_notifications,
+    unsubscribed,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send ``text`` to this client."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckAccess:
+    """Ask the access policy whether the user may join ``key``; answer ``access_decided``/``_failed``.
+
+    The CHANNEL as sent stays with the session (``Pending``): the policy needs only the key.
+    """
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Join ``key`` in the hub and wait until the process receives its events; answer ``joined``."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Leave ``key`` in the hub (nothing to answer)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendUnread:
+    """Load the user's unread notifications; answer ``unread_loaded`` (nothing, when loading failed)."""
+
+
+Action = Reply | CheckAccess | Join | Leave | SendUnread
+
+# Replies that never change, built once rather than per frame.
+_PONG = Reply(PONG)
+_INVALID = Reply(error(INVALID_FORMAT))
+_SEND_UNREAD = SendUnread()
+
+
+class Pending(NamedTuple):
+    """The subscribe being decided: its key, the CHANNEL as sent (replies echo it), access granted yet."""
+
+    key: str
+    channel: Any
+    allowed: bool = False
+
+
+class Session:
+    """The protocol state of one authenticated socket."""
+
+    __slots__ = ("user_id", "max_subscriptions", "keys", "sent_unread", "pending")
+
+    def __init__(self, user_id: str, max_subscriptions: int, keys: set[str] | None = None) -> None:
+        self.user_id = user_id
+        #: ``WS_MAX_SUBSCRIPTIONS``: channels this socket may hold at once.
+        self.max_subscriptions = max_subscriptions
+        #: The keys joined. The endpoint passes the connection's own set (``Connection.keys``, which the hub
+        #: changes the same way), so that a socket holds one set rather than two (216 bytes each).
+        self.keys: set[str] = set() if keys is None else keys
+        #: The unread notifications were sent: once per socket, after its first join of notifications_U.
+        self.sent_unread = False
+        self.pending: Pending | None = None
+
+    def receive(self, data: str | bytes) -> list[Action]:
+        """One client frame (text, or binary holding the same JSON) -> what to do about it."""
+        if self.pending is not None:
+            raise RuntimeError(f"frame fed while the subscribe to {self.pending.key} is being decided")
+        try:
+            frame = parse_frame(data)
+        except FrameError:
+            return [_INVALID]
+        if frame.type == "ping":
+            return [_PONG]
+        channel = frame.channel
+        try:
+            key = channel_key(channel)
+        except ChannelError:
+            return [Reply(error(INVALID_FORMAT, channel))]
+        if frame.type == "unsubscribe":
+            # Never joined: answered all the same (protocol §2), with nothing to leave.
+            if key not in self.keys:
+                return [Reply(unsubscribed(channel, key))]
+            self.keys.discard(key)
+            return [Leave(key), Reply(unsubscribed(channel, key))]
+        limit = self.max_subscriptions
+        if key not in self.keys and len(self.keys) >= limit:
+            # Any user may join any creator_C: without a cap one socket could make the process hold (and
+            # the broker carry) an unbounded number of subscriptions.
+            reason = f"subscription limit ({limit}) reached"
+            return [Reply(error(SUBSCRIBE_FAILED, channel, reason=reason))]
+        # Joined already: asked again all the same, so that a repeat answers as the first one did.
+        self.pending = Pending(key, channel)
+        return [CheckAccess(key)]
+
+    def access_decided(self, key: str, allowed: bool) -> list[Action]:
+        """The access policy's answer for the pending subscribe."""
+        pending = self._expect(key, allowed=False)
+        if allowed:
+            self.pending = pending._replace(allowed=True)
+            return [Join(key)]
+        self.pending = None
+        return [Reply(error(ACCESS_DENIED, pending.channel))]
+
+    def access_failed(self, key: str) -> list[Action]:
+        """The access check could not be made (database down): a server-side failure, not a refusal."""
+        pending = self._expect(key, allowed=False)
+        self.pending = None
+        return [Reply(error(SUBSCRIBE_FAILED, pending.channel))]
+
+    def joined(self, key: str, ok: bool) -> list[Action]:
+        """The hub's join of the pending subscribe succeeded (``ok``) or failed (broker)."""
+        pending = self._expect(key, allowed=True)
+        self.pending = None
+        if not ok:
+            return [Reply(error(SUBSCRIBE_FAILED, pending.channel))]
+        self.keys.add(key)
+        actions: list[Action] = [Reply(subscribed(pending.channel, key))]
+        if not self.sent_unread and key == f"notifications_{self.user_id}":
+            self.sent_unread = True  # once, whether or not loading them works
+            actions.append(_SEND_UNREAD)
+        return actions
+
+    def unread_loaded(self, notifications: list[dict[str, Any]]) -> list[Action]:
+        """The user's unread notifications, newest first: sent only when there are some."""
+        return [Reply(unread_notifications(notifications))] if notifications else []
+
+    def _expect(self, key: str, *, allowed: bool) -> Pending:
+        pending = self.pending
+        if pending is None or pending.key != key or pending.allowed is not allowed:
+            step = "join" if allowed else "access check"
+            raise RuntimeError(f"no {step} of {key} is pending (pending: {pending})")
+        return pending

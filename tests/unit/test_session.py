@@ -1,0 +1,242 @@
+"""One socket's protocol rules (protocol §2), as plain calls on ``protocol.session.Session``: no socket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from fonana_ws.protocol import frames
+from fonana_ws.protocol.session import CheckAccess, Join, Leave, Pending, Reply, SendUnread, Session
+
+pytestmark = pytest.mark.unit
+
+USER = "u1"
+POST = {"type": "post", "postId": "p1"}
+CREATOR = {"type": "creator", "id": "c1"}
+OWN_NOTIFICATIONS = {"type": "notifications", "userId": USER}
+
+
+def frame(kind: str, channel: Any = None) -> str:
+    body: dict[str, Any] = {"type": kind}
+    if channel is not None:
+        body["channel"] = channel
+    return orjson.dumps(body).decode()
+
+
+def replies(actions: list[Any]) -> list[dict[str, Any]]:
+    """The replies among ``actions``, decoded; fails if anything else is there."""
+    assert all(isinstance(a, Reply) for a in actions), actions
+    return [orjson.loads(a.text) for a in actions]
+
+
+def join(session: Session, channel: dict[str, Any], key: str) -> list[Any]:
+    """Subscribe all the way through an allowed access check and a join that worked."""
+    assert session.receive(frame("subscribe", channel)) == [CheckAccess(key)]
+    assert session.access_decided(key, True) == [Join(key)]
+    return session.joined(key, True)
+
+
+def test_ping_is_answered_pong() -> None:
+    session = Session(USER, 10)
+    assert replies(session.receive(frame("ping"))) == [{"type": "pong"}]
+    assert replies(session.receive(b'{"type": "ping"}')) == [{"type": "pong"}]  # binary: the same
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["not json", "[1,2]", '"text"', '{"type":"dance"}', '{"no":"type"}', '{"type":"subscribe"}', b"\x00\x01"],
+)
+def test_bad_frame_is_an_invalid_format_error(data: str | bytes) -> None:
+    session = Session(USER, 10)
+    assert replies(session.receive(data)) == [{"type": "error", "data": {"message": frames.INVALID_FORMAT}}]
+    assert session.pending is None and not session.keys
+
+
+def test_frame_nested_too_deep_is_an_invalid_format_error() -> None:
+    deep: Any = 1
+    for _ in range(frames.MAX_FRAME_DEPTH):
+        deep = {"x": deep}
+    session = Session(USER, 10)
+    text = orjson.dumps({"type": "subscribe", "channel": deep}).decode()
+    assert replies(session.receive(text)) == [{"type": "error", "data": {"message": frames.INVALID_FORMAT}}]
+
+
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe"])
+@pytest.mark.parametrize(
+    "channel",
+    [{"type": "nope"}, {"type": "post"}, {"type": "post", "postId": {"x": 1}}, "post_1", [1], 7],
+    ids=["unknown type", "no id", "object id", "a key", "a list", "a number"],
+)
+def test_unknown_channel_is_an_invalid_format_error_echoing_it(kind: str, channel: Any) -> None:
+    session = Session(USER, 10)
+    assert replies(session.receive(frame(kind, channel))) == [
+        {"type": "error", "data": {"message": frames.INVALID_FORMAT, "channel": channel}}
+    ]
+    assert session.pending is None and not session.keys
+
+
+def test_null_channel_is_an_invalid_format_error_without_channel() -> None:
+    session = Session(USER, 10)
+    reply = replies(session.receive('{"type": "subscribe", "channel": null}'))
+    assert reply == [{"type": "error", "data": {"message": frames.INVALID_FORMAT}}]
+
+
+def test_subscribe_allowed_and_joined_answers_subscribed() -> None:
+    session = Session(USER, 10)
+    assert session.receive(frame("subscribe", POST)) == [CheckAccess("post_p1")]
+    assert session.pending == Pending("post_p1", POST, allowed=False)
+    assert session.access_decided("post_p1", True) == [Join("post_p1")]
+    assert session.pending == Pending("post_p1", POST, allowed=True)
+    assert "post_p1" not in session.keys  # not before the hub says so
+    assert replies(session.joined("post_p1", True)) == [
+        {"type": "subscribed", "data": {"channel": POST, "channelKey": "post_p1"}}
+    ]
+    assert session.keys == {"post_p1"} and session.pending is None
+
+
+def test_integer_ids_become_their_decimal_string() -> None:
+    session = Session(USER, 10)
+    channel = {"type": "post", "postId": 42}
+    assert replies(join(session, channel, "post_42")) == [
+        {"type": "subscribed", "data": {"channel": channel, "channelKey": "post_42"}}
+    ]
+
+
+def test_access_denied() -> None:
+    session = Session(USER, 10)
+    assert session.receive(frame("subscribe", POST)) == [CheckAccess("post_p1")]
+    assert replies(session.access_decided("post_p1", False)) == [
+        {"type": "error", "data": {"message": frames.ACCESS_DENIED, "channel": POST}}
+    ]
+    assert session.pending is None and not session.keys
+    assert replies(session.receive(frame("ping"))) == [{"type": "pong"}]  # the next frame is handled
+
+
+def test_access_check_failing_is_a_subscribe_failure() -> None:
+    session = Session(USER, 10)
+    session.receive(frame("subscribe", POST))
+    assert replies(session.access_failed("post_p1")) == [
+        {"type": "error", "data": {"message": frames.SUBSCRIBE_FAILED, "channel": POST}}
+    ]
+    assert session.pending is None and not session.keys
+
+
+def test_join_failing_is_a_subscribe_failure_and_nothing_is_joined() -> None:
+    session = Session(USER, 10)
+    session.receive(frame("subscribe", CREATOR))
+    session.access_decided("creator_c1", True)
+    assert replies(session.joined("creator_c1", False)) == [
+        {"type": "error", "data": {"message": frames.SUBSCRIBE_FAILED, "channel": CREATOR}}
+    ]
+    assert session.pending is None and not session.keys
+    # and a later try starts from the beginning
+    assert session.receive(frame("subscribe", CREATOR)) == [CheckAccess("creator_c1")]
+
+
+def test_duplicate_subscribe_keeps_one_and_answers_subscribed_again() -> None:
+    session = Session(USER, 1)  # at the cap: a repeat is no new channel
+    join(session, CREATOR, "creator_c1")
+    again = join(session, CREATOR, "creator_c1")
+    assert replies(again) == [
+        {"type": "subscribed", "data": {"channel": CREATOR, "channelKey": "creator_c1"}}
+    ]
+    assert session.keys == {"creator_c1"}
+
+
+def test_subscription_cap_refuses_a_new_channel_only() -> None:
+    session = Session(USER, 2)
+    join(session, CREATOR, "creator_c1")
+    join(session, POST, "post_p1")
+    over = {"type": "creator", "id": "c3"}
+    assert replies(session.receive(frame("subscribe", over))) == [
+        {
+            "type": "error",
+            "data": {
+                "message": frames.SUBSCRIBE_FAILED,
+                "channel": over,
+                "reason": "subscription limit (2) reached",
+            },
+        }
+    ]
+    assert session.pending is None  # refused before any access check
+    assert session.receive(frame("subscribe", POST)) == [CheckAccess("post_p1")]  # held already: fine
+    session.access_decided("post_p1", False)
+    session.receive(frame("unsubscribe", CREATOR))
+    assert session.receive(frame("subscribe", over)) == [CheckAccess("creator_c3")]  # room again
+
+
+def test_unsubscribe_leaves_and_answers_unsubscribed() -> None:
+    session = Session(USER, 10)
+    join(session, CREATOR, "creator_c1")
+    actions = session.receive(frame("unsubscribe", CREATOR))
+    assert actions[0] == Leave("creator_c1")
+    assert replies(actions[1:]) == [
+        {"type": "unsubscribed", "data": {"channel": CREATOR, "channelKey": "creator_c1"}}
+    ]
+    assert not session.keys
+
+
+def test_unsubscribe_of_a_key_never_joined_answers_unsubscribed_and_leaves_nothing() -> None:
+    session = Session(USER, 10)
+    join(session, POST, "post_p1")
+    other = {"type": "creator", "id": "never-joined"}
+    assert replies(session.receive(frame("unsubscribe", other))) == [
+        {"type": "unsubscribed", "data": {"channel": other, "channelKey": "creator_never-joined"}}
+    ]
+    assert session.keys == {"post_p1"}
+
+
+def test_unread_notifications_are_loaded_once_after_the_first_join_of_ones_own() -> None:
+    session = Session(USER, 10)
+    actions = join(session, OWN_NOTIFICATIONS, "notifications_u1")
+    assert replies(actions[:1])[0]["type"] == "subscribed"
+    assert actions[1:] == [SendUnread()]  # after the reply
+    assert session.sent_unread
+    notifications = [{"id": "n2"}, {"id": "n1"}]
+    assert replies(session.unread_loaded(notifications)) == [
+        {"type": "unread_notifications", "data": {"notifications": notifications, "count": 2}}
+    ]
+    session.receive(frame("unsubscribe", OWN_NOTIFICATIONS))
+    assert replies(join(session, OWN_NOTIFICATIONS, "notifications_u1"))[0]["type"] == "subscribed"
+
+
+def test_no_unread_frame_when_there_are_none_and_not_for_other_channels() -> None:
+    session = Session(USER, 10)
+    assert session.unread_loaded([]) == []
+    assert len(join(session, {"type": "feed", "userId": USER}, "feed_u1")) == 1
+    assert len(join(session, CREATOR, "creator_c1")) == 1
+    assert not session.sent_unread
+
+
+def test_unread_not_sent_after_a_failed_join() -> None:
+    session = Session(USER, 10)
+    session.receive(frame("subscribe", OWN_NOTIFICATIONS))
+    session.access_decided("notifications_u1", True)
+    session.joined("notifications_u1", False)
+    assert not session.sent_unread
+    assert SendUnread() in join(session, OWN_NOTIFICATIONS, "notifications_u1")
+
+
+def test_frames_are_decided_one_at_a_time() -> None:
+    session = Session(USER, 10)
+    session.receive(frame("subscribe", POST))
+    with pytest.raises(RuntimeError, match="post_p1"):
+        session.receive(frame("ping"))
+    with pytest.raises(RuntimeError, match="no join of post_p1"):
+        session.joined("post_p1", True)  # before access was granted
+    with pytest.raises(RuntimeError, match="no access check of creator_c1"):
+        session.access_decided("creator_c1", True)  # another key
+    session.access_decided("post_p1", True)
+    with pytest.raises(RuntimeError, match="no access check of post_p1"):
+        session.access_decided("post_p1", True)  # decided already
+
+
+def test_the_keys_set_is_the_one_passed_in() -> None:
+    keys: set[str] = set()
+    session = Session(USER, 10, keys=keys)
+    join(session, CREATOR, "creator_c1")
+    assert keys == {"creator_c1"}
+    session.receive(frame("unsubscribe", CREATOR))
+    assert keys == set()
