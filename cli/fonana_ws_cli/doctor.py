@@ -11,14 +11,22 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import typer
-from dotenv import dotenv_values
 
 from fonana_ws.broker import Broker, mask_url
-from fonana_ws.config import DEV_API_KEY_FILE, DEV_SECRET_FILE, ConfigError, Settings, load_settings
+from fonana_ws.config import (
+    BY_NAME,
+    DEV_API_KEY_FILE,
+    DEV_SECRET_FILE,
+    SETTINGS,
+    ConfigError,
+    Settings,
+    load_settings,
+    lookup,
+    read_env_file,
+)
 from fonana_ws.db import Store
 from fonana_ws.db.store import SERVER_READS
 
@@ -57,19 +65,24 @@ class Report:
 
 def layered_env() -> tuple[dict[str, str], dict[str, str]]:
     """The process environment and the .env file, as the settings loader reads them."""
-    dotenv = {k: v for k, v in dotenv_values(".env").items() if v} if Path(".env").is_file() else {}
-    return dict(os.environ), dotenv
+    return dict(os.environ), read_env_file(".env")
+
+
+def refusal(variable: str, raw: str) -> str | None:
+    """The loader's own message when ``raw`` would stop the start (the table's kind of the setting)."""
+    try:
+        BY_NAME[variable].kind(variable, raw)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def check_secret(report: Report, environ: dict[str, str], dotenv: dict[str, str], postgres: bool) -> bool:
     """JWT_SECRET wins over NEXTAUTH_SECRET, as in the web app. False: the server would not start."""
 
     def get(name: str) -> tuple[str | None, str]:
-        if environ.get(name):
-            return environ[name], "env"
-        if dotenv.get(name):
-            return dotenv[name], ".env"
-        return None, ""
+        found = lookup((name,), environ, dotenv)
+        return (found[0], found[2]) if found else (None, "")
 
     jwt_secret, jwt_from = get("JWT_SECRET")
     nextauth, nextauth_from = get("NEXTAUTH_SECRET")
@@ -92,10 +105,8 @@ def check_secret(report: Report, environ: dict[str, str], dotenv: dict[str, str]
             "tokens will be refused",
         )
         return True
-    if len(value) < 16:
-        report.add(
-            "secret", FAIL, f"{name} ({where}) is {len(value)} characters; the server needs at least 16"
-        )
+    if problem := refusal(name, value):
+        report.add("secret", FAIL, f"{problem} (set in {where})")
         return False
     report.add("secret", OK, f"from {name} ({where}), {len(value)} characters")
     if jwt_secret and nextauth and jwt_secret != nextauth:
@@ -109,8 +120,8 @@ def check_secret(report: Report, environ: dict[str, str], dotenv: dict[str, str]
 
 
 def check_api_key(report: Report, settings: Settings, raw: str | None) -> None:
-    if raw is not None and len(raw) < 16:
-        report.add("api key", FAIL, f"WS_API_KEY is {len(raw)} characters; the server needs at least 16")
+    if raw is not None and (problem := refusal("WS_API_KEY", raw)):
+        report.add("api key", FAIL, problem)
     elif settings.api_key:
         where = settings.sources.get("WS_API_KEY", "")
         report.add("api key", OK, f"set ({where}), {len(settings.api_key)} characters")
@@ -260,33 +271,35 @@ async def check_port(report: Report, settings: Settings, wait: float) -> None:
         report.add("port", FAIL, f"{host}:{port} is in use by another program (no fonana-ws /health there)")
 
 
-def check_limits(report: Report, settings: Settings) -> None:
-    """A production setup (the web app's database) should bound upgrades per address and origins."""
+def check_values(report: Report, settings: Settings) -> None:
+    """What the settings table says about values that start fine but should not stay: a row marked
+    ``unsafe`` while it is on, a row marked ``production`` left unset outside the embedded default."""
+    for row in SETTINGS:
+        if row.unsafe and getattr(settings, row.attr):
+            report.add("unsafe", WARN, f"{row.env} is on: {row.unsafe}")
     if settings.embedded:
         return
-    missing = []
-    if not settings.connect_rate:
-        missing.append("WS_CONNECT_RATE (e.g. 30/10 seconds: upgrades per client address)")
-    if not settings.allowed_origins:
-        missing.append("WS_ALLOWED_ORIGINS (e.g. https://fonana.me: browsers of other sites refused)")
+    wanted = [row for row in SETTINGS if row.production]
+    missing = [f"{row.env} ({row.production})" for row in wanted if not getattr(settings, row.attr)]
     if missing:
-        report.add("limits", WARN, "not set on a production setup: " + "; ".join(missing))
+        report.add("production", WARN, "not set on a production setup: " + "; ".join(missing))
     else:
-        origins = ", ".join(settings.allowed_origins)
-        report.add("limits", OK, f"connect rate {settings.connect_rate} per address, origins {origins}")
+        values = (f"{row.env}={row.show(getattr(settings, row.attr))}" for row in wanted)
+        report.add("production", OK, ", ".join(values))
 
 
 async def run_checks(report: Report, wait: float) -> None:
     environ, dotenv = layered_env()
-    raw_db = environ.get("DATABASE_URL") or dotenv.get("DATABASE_URL") or ""
-    postgres = raw_db.startswith("postgres")
+    raw_db = lookup(BY_NAME["DATABASE_URL"].names, environ, dotenv)
+    postgres = raw_db is not None and raw_db[0].startswith("postgres")
     secret_ok = check_secret(report, environ, dotenv, postgres)
-    raw_key = environ.get("WS_API_KEY") or dotenv.get("WS_API_KEY")
+    found_key = lookup(BY_NAME["WS_API_KEY"].names, environ, dotenv)
+    raw_key = found_key[0] if found_key else None
     # The secret and the API key have their own lines: let the other checks run without them.
     patched = dict(environ)
     if not secret_ok:
         patched.update(JWT_SECRET=PLACEHOLDER)
-    if raw_key is not None and len(raw_key) < 16:
+    if raw_key is not None and refusal("WS_API_KEY", raw_key):
         patched.update(WS_API_KEY=PLACEHOLDER)
     try:
         settings = load_settings(patched)
@@ -297,14 +310,7 @@ async def run_checks(report: Report, wait: float) -> None:
         report.add("settings", FAIL, f"{exc.filename or ''}: {exc.strerror or exc}")
         return
     check_api_key(report, settings, raw_key)
-    if settings.conformance_echo:
-        report.add(
-            "echo path",
-            WARN,
-            "WS_CONFORMANCE_ECHO is on: /conformance/echo echoes whatever any authenticated user sends "
-            "(for Autobahn Testsuite only; turn it off outside tests)",
-        )
-    check_limits(report, settings)
+    check_values(report, settings)
     check_dev_files(report, settings)
     await check_database(report, settings, wait)
     await check_broker(report, settings, wait)

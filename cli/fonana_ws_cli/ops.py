@@ -22,7 +22,7 @@ from rich.table import Table
 
 from fonana_ws.auth import AuthError, create_token, verify_with
 from fonana_ws.broker import mask_url
-from fonana_ws.config import Settings
+from fonana_ws.config import SETTINGS, Settings
 
 from .common import (
     DatabaseProblem,
@@ -215,58 +215,13 @@ def masked(secret: str | None) -> str:
 
 
 def effective(settings: Settings) -> list[tuple[str, str, str]]:
-    """``(variable, value, where it came from)`` for every setting, secrets masked."""
-    src = settings.sources
-
-    def source(*names: str) -> str:
-        for name in names:
-            if name in src:
-                return src[name]
-        return "default"
-
-    secret_var = settings.jwt_secret_source if settings.jwt_secret_source in src else ""
-    broker_source = source("BROADCAST_URL", "REDIS_URL")
-    rows = [
-        ("WS_HOST", settings.host, source("WS_HOST")),
-        ("WS_PORT", str(settings.port), source("WS_PORT")),
-        (
-            "JWT_SECRET / NEXTAUTH_SECRET",
-            masked(settings.jwt_secret),
-            src[secret_var] if secret_var else settings.jwt_secret_source,
-        ),
-        ("JWT_ISSUER", settings.jwt_issuer or "off", source("JWT_ISSUER")),
-        ("JWT_AUDIENCE", settings.jwt_audience or "off", source("JWT_AUDIENCE")),
-        ("JWT_LEEWAY", f"{settings.jwt_leeway:g}", source("JWT_LEEWAY")),
-        ("DATABASE_URL", mask_url(settings.database_url), source("DATABASE_URL")),
-        ("BROADCAST_URL", mask_url(settings.broadcast_url), broker_source),
-        ("WS_API_KEY", masked(settings.api_key), source("WS_API_KEY")),
-        ("FONANA_WS_DATA_DIR", str(settings.data_dir), source("FONANA_WS_DATA_DIR")),
-        ("WS_PING_INTERVAL", f"{settings.ping_interval:g}", source("WS_PING_INTERVAL")),
-        ("WS_SEND_BUFFER", str(settings.send_buffer), source("WS_SEND_BUFFER")),
-        ("WS_MAX_MESSAGE_SIZE", str(settings.max_message_size), source("WS_MAX_MESSAGE_SIZE")),
-        ("WS_PERMESSAGE_DEFLATE", str(settings.per_message_deflate).lower(), source("WS_PERMESSAGE_DEFLATE")),
-        ("TRUSTED_PROXIES", ",".join(settings.trusted_proxies), source("TRUSTED_PROXIES")),
-        ("WS_SHUTDOWN_TIMEOUT", f"{settings.shutdown_timeout:g}", source("WS_SHUTDOWN_TIMEOUT")),
-        ("WS_MAX_SUBSCRIPTIONS", str(settings.max_subscriptions), source("WS_MAX_SUBSCRIPTIONS")),
-        ("WS_USER_CACHE_TTL", f"{settings.user_cache_ttl:g}", source("WS_USER_CACHE_TTL")),
-        ("METRICS_PORT", str(settings.metrics_port or "off"), source("METRICS_PORT")),
-        ("METRICS_HOST", settings.metrics_host, source("METRICS_HOST")),
-        ("WS_ALLOWED_ORIGINS", ",".join(settings.allowed_origins) or "off", source("WS_ALLOWED_ORIGINS")),
-        ("WS_CONNECT_RATE", settings.connect_rate or "off", source("WS_CONNECT_RATE")),
-        (
-            "WS_MAX_CONNECTIONS_PER_USER",
-            str(settings.max_connections_per_user),
-            source("WS_MAX_CONNECTIONS_PER_USER"),
-        ),
-        ("WS_CLIENT_RATE", settings.client_rate, source("WS_CLIENT_RATE")),
-        ("WS_HANDSHAKE_TIMEOUT", f"{settings.handshake_timeout:g}", source("WS_HANDSHAKE_TIMEOUT")),
-        ("WS_BODY_TIMEOUT", f"{settings.body_timeout:g}", source("WS_BODY_TIMEOUT")),
-        ("WS_MAX_HEADER_SIZE", str(settings.max_header_size), source("WS_MAX_HEADER_SIZE")),
-        ("WS_MAX_EVENT_SIZE", str(settings.max_event_size), source("WS_MAX_EVENT_SIZE")),
-        ("WS_CONFORMANCE_ECHO", str(settings.conformance_echo).lower(), source("WS_CONFORMANCE_ECHO")),
-        ("LOG_LEVEL", settings.log_level, source("LOG_LEVEL")),
-        ("LOG_JSON", str(settings.log_json).lower(), source("LOG_JSON")),
-    ]
+    """``(variable, value, where it came from)`` for every row of the settings table: secrets masked, and
+    passwords in URLs (``DATABASE_URL``, ``BROADCAST_URL``) replaced by ``***``."""
+    rows = []
+    for row in SETTINGS:
+        value = getattr(settings, row.attr)
+        shown = masked(value) if row.secret else mask_url(row.show(value))
+        rows.append((row.env, shown, settings.sources.get(row.env, "default")))
     return rows
 
 
