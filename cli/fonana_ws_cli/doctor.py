@@ -11,11 +11,10 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import httpx
 import typer
 
-from fonana_ws.broker import Broker, mask_url
 from fonana_ws.config import (
     BY_NAME,
     DEV_API_KEY_FILE,
@@ -27,8 +26,9 @@ from fonana_ws.config import (
     lookup,
     read_env_file,
 )
-from fonana_ws.db import Store
-from fonana_ws.db.store import SERVER_READS
+
+if TYPE_CHECKING:  # broker, database and HTTP client load when a check runs, not with every command
+    from fonana_ws.db import Store
 
 from .common import DatabaseProblem, describe_error, open_store, out, query, sqlite_file
 
@@ -148,6 +148,9 @@ def check_dev_files(report: Report, settings: Settings) -> None:
 
 
 async def check_database(report: Report, settings: Settings, wait: float) -> None:
+    from fonana_ws.broker import mask_url
+    from fonana_ws.db.store import SERVER_READS
+
     where = mask_url(settings.database_url)
     path = sqlite_file(settings)
     if path is not None and not path.exists():
@@ -219,6 +222,8 @@ def captured(name: str) -> Iterator[_Capture]:
 
 
 async def check_broker(report: Report, settings: Settings, wait: float) -> None:
+    from fonana_ws.broker import Broker, mask_url
+
     url = mask_url(settings.broadcast_url)
     if settings.broker_kind == "memory":
         report.add("broker", OK, "memory:// (one process only; use Redis or PostgreSQL to run several)")
@@ -245,6 +250,8 @@ async def check_broker(report: Report, settings: Settings, wait: float) -> None:
 
 
 async def check_port(report: Report, settings: Settings, wait: float) -> None:
+    import httpx
+
     host, port = settings.host, settings.port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
