@@ -14,7 +14,7 @@ import pytest
 
 from fonana_ws.db import demo
 from fonana_ws.db import notifications as sql
-from fonana_ws.web.events_api import BY_NAME
+from fonana_ws.fonana.events import BY_NAME
 from fonana_ws_cli import send as send_cli
 
 from .conftest import (

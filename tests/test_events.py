@@ -317,7 +317,13 @@ async def test_post_and_comment_events_reach_post_subscribers_only(server: Serve
 
     added = await ev.notify_new_comment(
         post,
-        {"id": 42, "userId": commenter, "content": "Nice!", "createdAt": "2024-05-06T09:08:09+02:00", "x": 1},
+        {
+            "id": "42",
+            "userId": commenter,
+            "content": "Nice!",
+            "createdAt": "2024-05-06T09:08:09+02:00",
+            "x": 1,
+        },
     )
     assert added.event == {
         "type": "comment_added",
@@ -355,6 +361,9 @@ async def test_post_and_comment_events_reach_post_subscribers_only(server: Serve
         await ev.notify_new_comment(
             post, {"id": "k", "userId": commenter, "content": "x", "createdAt": "soon"}
         )
+    # One rule for ids, the HTTP API's: strings (the Python API took a number here and sent "42").
+    with pytest.raises(PublishError, match="comment.id must be an id string"):
+        await ev.notify_new_comment(post, {"id": 42, "userId": commenter, "content": "x"})
     with pytest.raises(NotFound, match="postId"):
         await ev.notify_comment_deleted("no-such-post", "k")
 
@@ -444,6 +453,23 @@ async def test_generic_publish_for_events_without_a_function(server: Server) -> 
         await ev.publish_to({"type": "x"})
     with pytest.raises(PublishError, match="channel"):
         await ev.publish_to({"type": "x"}, channel="bogus")
+
+
+async def test_emit_by_route_name_is_the_method(server: Server) -> None:
+    """``emit(name, **fields)`` takes the HTTP body's JSON names and checks them the same way."""
+    user = await server.user()
+    tab = await server.connect(user)
+    ev = events(server)
+    sent = await ev.emit("notification", userId=user, type="NEW_MESSAGE", title="t", message="m", id="n-1")
+    assert sent.event["notification"]["id"] == "n-1" and sent.users == [user] and sent.id
+    assert await tab.recv() == sent.event
+    with pytest.raises(PublishError, match="user_id: unknown field"):
+        await ev.emit("notifications-cleared", user_id=user)
+    with pytest.raises(PublishError, match="no-such-event: no such event"):
+        await ev.emit("no-such-event", userId=user)
+    with pytest.raises(TypeError):  # the generated methods have real signatures
+        await ev.clear_notifications(user, "extra")  # type: ignore[call-arg]
+    await silent(tab)
 
 
 async def test_input_is_checked_before_anything_is_written(server: Server) -> None:

@@ -1,19 +1,33 @@
 """``fonana-ws send <event>``: emit any Fonana event through the HTTP API or the broker.
 
-One subcommand per event of protocol §3 (the event name with ``-`` for ``_``), plus ``raw`` for any
-other event type. By default it POSTs to a running server's ``/api/events/<event>`` (``--url``, default
+One subcommand per entry of ``fonana_ws.fonana.events.EVENTS``, generated from it (nothing here is
+written per event): an option per body field, named after it (``userId`` -> ``--user``,
+``createdAt`` -> ``--created-at``, ``subscriberIds`` -> ``--subscriber``, repeated), the field's doc
+as its help and the entry's example body in the epilog. A member of an object field is an option of its
+own (``comment.content`` -> ``--content``), the object's id takes the field's option (``--comment``).
+How a field is taken follows its JSON Schema: a string is a value, a boolean a flag, a list of strings a
+repeated option, an open object ``--set FIELD=VALUE`` (repeat) or the object as JSON, anything else
+JSON. Plus ``raw`` for any other event type.
+
+By default it POSTs to a running server's ``/api/events/<event>`` (``--url``, default
 ``http://127.0.0.1:$WS_PORT``; the key from ``--api-key`` / ``WS_API_KEY``, else the embedded default's
 dev key). With ``--broker`` it prepares the event itself (opening the database when the event needs it)
-and publishes the broker envelope on ``BROADCAST_URL``/``REDIS_URL``: the same validation and the same
-event as the HTTP API, since both use ``fonana_ws.web.events_api.ENDPOINTS``.
+and publishes the broker envelope on ``BROADCAST_URL``/``REDIS_URL``: the same table, the same checks,
+the same event as the HTTP API.
 
 On success the answer (``ok``, ``id``, ``channels``, ``users``, ``event``) is printed as JSON on stdout;
-any failure prints the reason on stderr and exits 1 (2 for a bad option or configuration).
+a refusal prints ``<what> (<status>): <reason>`` on stderr (the words of ``fonana_ws.fonana.errors``)
+and exits 1; a bad option or configuration exits 2.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
 import httpx
@@ -21,6 +35,12 @@ import orjson
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from fonana_ws.fonana.errors import REFUSED, by_status, refusal_of
+from fonana_ws.fonana.events import EVENTS, Event
+from fonana_ws.fonana.fields import Field
+
+from .common import describe_error, settings_or_exit
 
 app = typer.Typer(
     help="Send a Fonana event to connected clients (through the server's HTTP API, or --broker).",
@@ -71,21 +91,8 @@ def parse_json(option: str, text: str | None) -> Any:
 # -- the two ways out ------------------------------------------------------------------------------------
 
 
-_REFUSALS = {
-    400: "the server refused the request",
-    401: "the server refused the API key",
-    403: "the server does not accept HTTP publishing",
-    404: "not found",
-    409: "conflict",
-    413: "the event is too large",
-    503: "the server cannot publish now",
-}
-
-
 def via_http(path: str, body: dict[str, Any], url: str | None, api_key: str | None) -> dict[str, Any]:
     if url is None or api_key is None:
-        from .common import settings_or_exit
-
         settings = settings_or_exit()
         if url is None:
             host = settings.host if settings.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
@@ -111,19 +118,16 @@ def via_http(path: str, body: dict[str, Any], url: str | None, api_key: str | No
         if response.status_code == 404:
             fail(f"the server at {url} has no {path} (is it a fonana-ws server, and a recent one?)")
         fail(f"unexpected answer {response.status_code} from {target}: {response.text[:300]}")
-    what = _REFUSALS.get(response.status_code, "the server answered")
+    refusal = by_status(response.status_code)
+    what = refusal.cli if refusal else "the server answered"
     hint = " (set WS_API_KEY, or --api-key, to the server's key)" if response.status_code == 401 else ""
-    fail(f"{what} ({response.status_code}): {answer['error']}{hint}")
+    fail(f"{what} ({response.status_code}): {answer['error']}{hint}", refusal.exit_code if refusal else 1)
 
 
 def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
-    """Prepare ``body`` as the endpoint ``name`` would (None: a raw publish) and publish it on the broker."""
-    from fonana_ws.broker import BrokerUnavailable, PayloadTooLarge, mask_url
-    from fonana_ws.fonana.events import Conflict, NotFound, connect_events
-    from fonana_ws.fonana.publisher import PublishError
-    from fonana_ws.web.events_api import BY_NAME, prepare
-
-    from .common import settings_or_exit
+    """Prepare ``body`` as the route ``name`` would (None: a raw publish) and publish it on the broker."""
+    from fonana_ws.broker import mask_url
+    from fonana_ws.fonana.events import connect_events
 
     settings = settings_or_exit()
     if settings.broker_kind == "memory":
@@ -132,15 +136,18 @@ def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
             "reaches no other process; set it, or send over HTTP (without --broker)",
             2,
         )
+    connected = False
 
     async def run() -> dict[str, Any]:
+        nonlocal connected
         async with connect_events(settings) as events:
+            connected = True
             if name is None:
                 emission = await events.publish_to(
                     body["event"], channel=body.get("channel"), user=body.get("user")
                 )
             else:
-                emission = await events.emit(await prepare(BY_NAME[name], events.store, body))
+                emission = await events.emit(name, **body)
         return {
             "ok": True,
             "id": emission.id,
@@ -149,20 +156,26 @@ def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
             "event": emission.event,
         }
 
+    where = (
+        f"BROADCAST_URL {mask_url(settings.broadcast_url)}, DATABASE_URL {mask_url(settings.database_url)}"
+    )
     try:
         return asyncio.run(run())
-    except PublishError as exc:
-        fail(f"invalid event: {exc}")
-    except NotFound as exc:
-        fail(f"not found: {exc}")
-    except Conflict as exc:
-        fail(f"conflict: {exc}")
-    except PayloadTooLarge as exc:
-        fail(f"the event is too large: {exc}")
-    except BrokerUnavailable as exc:
-        fail(f"broker unavailable at {mask_url(settings.broadcast_url)}: {exc}")
-    except Exception as exc:  # the database or the broker could not be reached at all
-        fail(f"cannot publish: {type(exc).__name__}: {exc}")
+    except Exception as exc:
+        if not connected:  # the database or the broker could not be reached at all
+            fail(f"cannot connect: {describe_error(exc)} ({where})")
+        fail_refused(exc, where)
+
+
+def fail_refused(exc: BaseException, where: str) -> NoReturn:
+    """Exit with a failure of the event in the table's words; the server's own faults name ``where``."""
+    if not isinstance(exc, REFUSED):
+        fail(f"cannot publish: {describe_error(exc)}")
+    refusal = refusal_of(type(exc))
+    reason = refusal.reason(exc)
+    if refusal.server_fault:  # the operator at this terminal may see what the HTTP answer leaves out
+        reason += f" ({where})" if str(exc) in reason else f" ({describe_error(exc)}; {where})"
+    fail(f"{refusal.cli}: {reason}", refusal.exit_code)
 
 
 def send(name: str, body: dict[str, Any], url: str | None, api_key: str | None, broker: bool) -> None:
@@ -183,198 +196,213 @@ def report(answer: dict[str, Any]) -> None:
     out.print_json(data=answer)
 
 
-# -- one command per event ---------------------------------------------------------------------------------
+# -- the subcommands, from the table ---------------------------------------------------------------------
 
-User = Annotated[str, typer.Option("--user", "-u", help="The user id.")]
-Post = Annotated[str, typer.Option("--post", "-p", help="The post id.")]
-Creator = Annotated[str, typer.Option("--creator", "-c", help="The creator's user id.")]
-
-
-@app.command("notification")
-def notification(
-    user: Annotated[str, typer.Option("--user", "-u", help="The recipient.")],
-    title: Annotated[str, typer.Option("--title", help="The title.")],
-    message: Annotated[str, typer.Option("--message", "-m", help="The text.")],
-    type: Annotated[str, typer.Option("--type", help="LIKE_POST, NEW_MESSAGE, ...")] = "SYSTEM_ANNOUNCEMENT",
-    metadata: Annotated[
-        str | None, typer.Option("--metadata", help='JSON, e.g. \'{"postId":"p1"}\'.')
-    ] = None,
-    persist: Annotated[
-        bool, typer.Option("--persist", help="The server writes the notifications row (else: not kept).")
-    ] = False,
-    id: Annotated[
-        str | None, typer.Option("--id", help="The notification id (a row the web app wrote, or to write).")
-    ] = None,
-    created_at: Annotated[
-        str | None, typer.Option("--created-at", help="ISO 8601 (without --persist).")
-    ] = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """notification: to every connection of the user."""
-    body = {
-        "userId": user,
-        "type": type,
-        "title": title,
-        "message": message,
-        "metadata": parse_json("--metadata", metadata),
-        "persist": persist or None,
-        "id": id,
-        "createdAt": created_at,
-    }
-    send("notification", body, url, api_key, broker)
+#: Short forms of the options most typed by hand.
+SHORT = {
+    "--user": "-u",
+    "--post": "-p",
+    "--creator": "-c",
+    "--message": "-m",
+    "--notification": "-n",
+    "--subscriber": "-s",
+}
+#: The options every subcommand has besides its fields.
+COMMON = ("url", "api_key", "broker")
 
 
-@app.command("notification-read")
-def notification_read(
-    user: User,
-    notification: Annotated[str, typer.Option("--notification", "-n", help="The notification id.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """notification_read: mark one of the user's notifications read, and tell their connections."""
-    send("notification-read", {"userId": user, "notificationId": notification}, url, api_key, broker)
+@dataclass(frozen=True)
+class Option:
+    """One option of a subcommand: the body field (and member) it fills, and how it takes the value."""
+
+    flag: str  # --created-at
+    field: Field
+    member: Field | None  # the member of an object field, else None
+    #: text (a value), flag, json (a JSON value), repeat (a list of strings), pairs (--set FIELD=VALUE,
+    #: into an open object), object (the open object as JSON)
+    form: str
+    required: bool
+
+    @property
+    def param(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def target(self) -> Field:
+        return self.member or self.field
+
+    @property
+    def json_name(self) -> str:
+        return f"{self.field.name}.{self.member.name}" if self.member else self.field.name
 
 
-@app.command("notifications-cleared")
-def notifications_cleared(
-    user: User, url: Url = None, api_key: ApiKey = None, broker: ViaBroker = False
-) -> None:
-    """notifications_cleared: mark all of the user's notifications read, and tell their connections."""
-    send("notifications-cleared", {"userId": user}, url, api_key, broker)
+def option_name(json_name: str) -> str:
+    """``userId`` -> ``--user``, ``subscriberIds`` -> ``--subscriber``, ``createdAt`` -> ``--created-at``."""
+    stem = re.sub(r"(?<=[a-z])Ids?$", "", json_name)
+    return "--" + re.sub(r"(?<!^)(?=[A-Z])", "-", stem).lower()
 
 
-@app.command("post-liked")
-def post_liked(
-    post: Post, user: User, url: Url = None, api_key: ApiKey = None, broker: ViaBroker = False
-) -> None:
-    """post_liked: to post_P, with likesCount as the posts row has it."""
-    send("post-liked", {"postId": post, "userId": user}, url, api_key, broker)
+def _form(f: Field) -> str:
+    schema_type = f.kind.schema.get("type")
+    if schema_type == "boolean":
+        return "flag"
+    if schema_type == "string" or schema_type == ["string", "null"]:
+        return "text"
+    if schema_type == "array" and f.kind.schema.get("items", {}).get("type") == "string":
+        return "repeat"
+    if schema_type == "object":
+        return "object"
+    return "json"
 
 
-@app.command("post-unliked")
-def post_unliked(
-    post: Post, user: User, url: Url = None, api_key: ApiKey = None, broker: ViaBroker = False
-) -> None:
-    """post_unliked: to post_P, with likesCount as the posts row has it."""
-    send("post-unliked", {"postId": post, "userId": user}, url, api_key, broker)
+def options_of(event: Event) -> list[Option]:
+    """The options of an event's subcommand, in the order of its fields."""
+    options: list[Option] = []
+    for f in event.fields:
+        if f.kind.members:
+            for m in f.kind.members:
+                flag = option_name(f.name) if m.name == "id" else option_name(m.name)
+                options.append(Option(flag, f, m, _form(m), f.required and m.required))
+        elif _form(f) == "object":
+            options.append(Option("--set", f, None, "pairs", False))
+            options.append(Option(option_name(f.name), f, None, "object", False))
+        else:
+            options.append(
+                Option(option_name(f.name), f, None, _form(f), f.required and f.cli_default is None)
+            )
+    params = [o.param for o in options]
+    clash = {p for p in params if params.count(p) > 1} | (set(params) & set(COMMON))
+    if clash:
+        raise ValueError(f"{event.name}: two fields would be the same option ({', '.join(sorted(clash))})")
+    return options
 
 
-@app.command("post-created")
-def post_created(
-    post: Post,
-    title: Annotated[str | None, typer.Option("--title", help="Instead of the posts row's title.")] = None,
-    type: Annotated[str | None, typer.Option("--type", help="Instead of the posts row's type.")] = None,
-    thumbnail: Annotated[
-        str | None, typer.Option("--thumbnail", help="Instead of the row's thumbnail.")
-    ] = None,
-    subscriber: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--subscriber", "-s", help="A feed to reach (repeat); default: the active paid subscribers."
-        ),
-    ] = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """post_created: to creator_C and the feed_S of each active paid subscriber."""
-    fields = {"title": title, "type": type, "thumbnail": thumbnail}
-    shown = {"id": post, **{k: v for k, v in fields.items() if v is not None}}
-    send("post-created", {"post": shown, "subscriberIds": subscriber or None}, url, api_key, broker)
+def _help(o: Option) -> str:
+    doc = o.target.doc
+    if o.form == "pairs":
+        doc = f"a field of {o.field.name}, FIELD=VALUE (repeat); VALUE is JSON, else a string"
+    elif o.form == "object":
+        doc = f"{o.field.doc}, as a JSON object"
+    elif o.form == "repeat":
+        doc += " (repeat)"
+    elif o.form == "json":
+        doc += " (JSON)"
+    return f"{doc[:1].upper()}{doc[1:]} [{o.json_name}]."
 
 
-@app.command("post-deleted")
-def post_deleted(post: Post, url: Url = None, api_key: ApiKey = None, broker: ViaBroker = False) -> None:
-    """post_deleted: to post_P."""
-    send("post-deleted", {"postId": post}, url, api_key, broker)
+def _parameter(o: Option) -> inspect.Parameter:
+    decls = [o.flag, *([SHORT[o.flag]] if o.flag in SHORT else [])]
+    typed: Any = {"flag": bool, "repeat": list[str], "pairs": list[str]}.get(o.form, str)
+    default: Any = inspect.Parameter.empty
+    if o.form == "flag" and o.required:  # say which: --pinned or --no-pinned
+        decls[0] = f"{o.flag}/--no-{o.flag[2:]}"
+    elif o.form == "flag":  # given: true; else left to the field's default
+        default = False
+    elif not o.required:
+        default = o.field.cli_default if o.member is None else None
+        typed = typed if default is not None else typed | None
+    option = typer.Option(*decls, help=escape(_help(o)), show_default=default not in (None, False))
+    return inspect.Parameter(
+        o.param, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[typed, option]
+    )
 
 
-@app.command("comment-added")
-def comment_added(
-    post: Post,
-    comment: Annotated[str, typer.Option("--comment", help="The comment id.")],
-    user: Annotated[str, typer.Option("--user", "-u", help="The comment's author.")],
-    content: Annotated[str, typer.Option("--content", help="The comment's text.")],
-    created_at: Annotated[str | None, typer.Option("--created-at", help="ISO 8601; default: now.")] = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """comment_added: to post_P."""
-    shaped = {"id": comment, "userId": user, "content": content}
-    if created_at is not None:
-        shaped["createdAt"] = created_at
-    send("comment-added", {"postId": post, "comment": shaped}, url, api_key, broker)
-
-
-@app.command("comment-deleted")
-def comment_deleted(
-    post: Post,
-    comment: Annotated[str, typer.Option("--comment", help="The comment id.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """comment_deleted: to post_P."""
-    send("comment-deleted", {"postId": post, "commentId": comment}, url, api_key, broker)
-
-
-@app.command("creator-updated")
-def creator_updated(
-    creator: Creator,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="A changed field, FIELD=VALUE (repeat); VALUE is JSON, else a string."),
-    ] = None,
-    changes: Annotated[
-        str | None, typer.Option("--changes", help="The changed fields as a JSON object.")
-    ] = None,
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """creator_updated: the changed fields, to creator_C."""
-    data = parse_json("--changes", changes) if changes is not None else {}
-    if not isinstance(data, dict):
-        raise typer.BadParameter("must be a JSON object", param_hint="--changes")
-    for item in set_ or []:
-        field, sep, raw = item.partition("=")
-        if not sep or not field:
+def _pairs(items: list[str]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
             raise typer.BadParameter(f"{item!r} is not FIELD=VALUE", param_hint="--set")
         try:
-            data[field] = orjson.loads(raw)
+            data[name] = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            data[field] = raw
-    if not data:
-        raise typer.BadParameter("give --set FIELD=VALUE or --changes JSON", param_hint="--set")
-    send("creator-updated", {"creatorId": creator, "changes": data}, url, api_key, broker)
+            data[name] = raw
+    return data
 
 
-@app.command("new-subscription")
-def new_subscription(
-    creator: Creator,
-    user: Annotated[str, typer.Option("--user", "-u", help="The new subscriber.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """new_subscription: to the creator's connections only."""
-    send("new-subscription", {"creatorId": creator, "userId": user}, url, api_key, broker)
+def body_of(event: Event, options: list[Option], values: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body the options given make (absent options left out)."""
+    body: dict[str, Any] = {}
+    for o in options:
+        raw = values.get(o.param)
+        if o.form == "json":
+            value = parse_json(o.flag, raw)
+        elif o.form == "object":
+            value = parse_json(o.flag, raw)
+            if value is not None and not isinstance(value, dict):
+                raise typer.BadParameter("must be a JSON object", param_hint=o.flag)
+        elif o.form == "pairs":
+            value = _pairs(raw) if raw else None
+        elif o.form == "flag":
+            value = raw if o.required else (True if raw else None)
+        elif o.form == "repeat":
+            value = raw or None
+        else:
+            value = raw
+        if value is None:
+            continue
+        if o.member is not None:
+            body.setdefault(o.field.name, {})[o.member.name] = value
+        elif o.form in ("pairs", "object"):
+            body[o.field.name] = {**value, **body.get(o.field.name, {})}
+        else:
+            body[o.field.name] = value
+    for f in event.fields:
+        if f.required and f.name not in body and _form(f) == "object":
+            flags = [o.flag for o in options if o.field is f]
+            raise typer.BadParameter(f"give {' or '.join(flags)}", param_hint=flags[0])
+    return body
 
 
-@app.command("feed-update")
-def feed_update(
-    user: User,
-    posts: Annotated[str, typer.Option("--posts", help="The posts as a JSON list.")],
-    url: Url = None,
-    api_key: ApiKey = None,
-    broker: ViaBroker = False,
-) -> None:
-    """feed_update: the posts, to every connection of the user."""
-    send("feed-update", {"userId": user, "posts": parse_json("--posts", posts)}, url, api_key, broker)
+def example_args(event: Event) -> list[str]:
+    """The options that send the entry's example body."""
+    args: list[str] = []
+    for o in options_of(event):
+        given = event.example.get(o.field.name)
+        if o.member is not None:
+            given = {"id": given} if isinstance(given, str) else (given or {})
+            given = given.get(o.member.name)
+        if given is None or o.form == "object":  # an open object is shown as --set pairs
+            continue
+        if o.form == "flag":
+            args += [o.flag] if given else ([f"--no-{o.flag[2:]}"] if o.required else [])
+        elif o.form == "repeat":
+            args += [a for item in given for a in (o.flag, item)]
+        elif o.form == "pairs":
+            for name, value in given.items():
+                # A string that would read back as JSON (true, 5) is written as JSON: "true".
+                plain = isinstance(value, str) and _pairs([f"{name}={value}"])[name] == value
+                args += [o.flag, f"{name}={value if plain else orjson.dumps(value).decode()}"]
+        elif o.form == "json":
+            args += [o.flag, orjson.dumps(given).decode()]
+        else:
+            args += [o.flag, given]
+    return args
+
+
+def _command(event: Event) -> Callable[..., None]:
+    options = options_of(event)
+
+    def command(**values: Any) -> None:
+        url, api_key, broker = (values.pop(name) for name in COMMON)
+        send(event.name, body_of(event, options, values), url, api_key, broker)
+
+    common = [
+        inspect.Parameter("url", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Url),
+        inspect.Parameter("api_key", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ApiKey),
+        inspect.Parameter("broker", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=ViaBroker),
+    ]
+    command.__signature__ = inspect.Signature([*map(_parameter, options), *common])  # type: ignore[attr-defined]
+    command.__name__ = event.name.replace("-", "_")
+    command.__doc__ = f"{event.event}: {event.summary}; to {event.delivered_to}."
+    return command
+
+
+for _event in EVENTS:
+    app.command(
+        _event.name,
+        epilog=escape(f"Example: fonana-ws send {_event.name} {shlex.join(example_args(_event))}"),
+    )(_command(_event))
 
 
 @app.command("raw")

@@ -1,57 +1,79 @@
-"""Every Fonana event of protocol §3, one function each: the Python API behind the HTTP API and the CLI.
+"""Every Fonana event of protocol §3, described once, in :data:`EVENTS`.
 
-Each ``prepare_*`` function checks its input, reads what the event needs from the database (and, for a
-notification the caller asks the server to persist, writes the row) and returns an :class:`Emission`:
-the event and where it goes. :class:`Events` publishes emissions through a :class:`Publisher`::
+An entry (:class:`Event`) holds the event's type, a summary, its body fields (name, kind, doc,
+required, Python keyword: :mod:`fonana_ws.fonana.fields`), who receives it, an example body and its
+delivery rule: an async ``prepare_*`` function of the store and the checked fields that reads what the
+event needs from the database (and, for a notification the caller asks the server to persist, writes
+the row) and returns an :class:`Emission`, the event and where it goes. Everything else is generated
+from the table, with the one rule set of ``fields`` checking every body:
+
+- ``POST /api/events/<name>`` and its OpenAPI path (``web/events_api.py``);
+- the :class:`Events` methods (``send_notification``, ``notify_new_post``, ...), real signatures and
+  docstrings included, and ``Events.emit(name, **fields)`` for any of them;
+- ``fonana-ws send <name>`` (``cli/fonana_ws_cli/send.py``): options named after the fields.
+
+**Adding an event** is one entry in :data:`EVENTS` plus its ``prepare_*`` rule; the API guide's and
+docs/protocol.md's event tables must list it (tests/unit/test_events_table.py holds them equal)::
 
     from fonana_ws.fonana.events import connect_events
 
     async with connect_events() as ev:  # its own broker and database connections
         await ev.send_notification("user-1", "LIKE_POST", "New like", "Bob liked your post", persist=True)
         await ev.update_post_likes("post-1", "user-2", is_liked=True)
+        await ev.emit("post-deleted", postId="post-1")  # by route name, fields by JSON name
 
 Inside the server, ``Events.from_services(services)`` shares the process's publisher and store.
 
-Errors: ``PublishError`` (a ``ValueError``) for bad input, naming the field; :class:`NotFound` when a
-referenced user, post or notification does not exist; :class:`Conflict` when a notification id is
-taken by another user; ``BrokerUnavailable`` when the broker is down.
+Errors (the table of answers is :mod:`fonana_ws.fonana.errors`): ``PublishError`` (a ``ValueError``)
+for bad input, naming the field; ``NotFound`` when a referenced user, post or notification does not
+exist; ``Conflict`` when a notification id is taken by another user; ``BrokerUnavailable`` when the
+broker is down.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from functools import partial
 from typing import Any
-
-import orjson
 
 from fonana_ws.broker import Broker
 from fonana_ws.config import Settings, load_settings
 from fonana_ws.db import Store
 from fonana_ws.db import notifications as sql
-from fonana_ws.db.schema import NOTIFICATION_TYPES
 from fonana_ws.db.store import iso, utcnow
+from fonana_ws.fonana.errors import Conflict, NotFound
+from fonana_ws.fonana.fields import (
+    BOOLEAN,
+    CHANGES,
+    ID,
+    IDS,
+    JSON,
+    LIST,
+    NOTIFICATION_TYPE,
+    STRING,
+    STRING_OR_NULL,
+    TIMESTAMP,
+    Field,
+    check_body,
+    record,
+)
 from fonana_ws.fonana.publisher import Publisher, PublishError
-from fonana_ws.protocol.channels import MAX_ID_LENGTH, ChannelError, parse_key
-from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
+from fonana_ws.protocol.channels import ChannelError, parse_key
 
 __all__ = [
+    "BY_NAME",
+    "EVENTS",
+    "OTHER_EVENT_TYPES",
     "Conflict",
     "Emission",
+    "Event",
     "Events",
     "NotFound",
     "connect_events",
 ]
-
-
-class NotFound(LookupError):
-    """A user, post or notification the event refers to does not exist; the message names the field."""
-
-
-class Conflict(Exception):
-    """The request contradicts a stored row (a notification id that belongs to another user)."""
 
 
 @dataclass
@@ -64,52 +86,50 @@ class Emission:
     id: str | None = None
 
 
-# -- input checks (messages name the JSON field, as the HTTP API reports them) ----------------------------
+Rule = Callable[..., Awaitable[Emission]]
 
 
-def _id(name: str, value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise PublishError(f"{name} must be an id string")
-    text = str(value)
-    if not text or len(text) > MAX_ID_LENGTH:
-        raise PublishError(f"{name} must be an id of 1 to {MAX_ID_LENGTH} characters")
-    return text
+@dataclass(frozen=True)
+class Event:
+    """One entry of the table."""
 
+    event: str  # the type it sends (post_liked)
+    summary: str
+    delivered_to: str
+    fields: tuple[Field, ...]
+    #: A body the event accepts: the OpenAPI example, the CLI's epilog, a unit test's input.
+    example: dict[str, Any]
+    #: ``rule(store, **checked fields by keyword) -> Emission``: the database reads and the targets.
+    rule: Rule
+    #: The :class:`Events` method.
+    method: str
+    #: What the rule refuses with besides bad input (the OpenAPI document lists their statuses).
+    raises: tuple[type[Exception], ...] = (NotFound,)
+    #: More of the body's JSON Schema: rules between fields, which the rule enforces (400).
+    schema_rules: tuple[tuple[str, Any], ...] = ()
 
-def _text(name: str, value: Any, *, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise PublishError(f"{name} must be a string")
-    return value
+    @property
+    def name(self) -> str:
+        """The route segment, the ``fonana-ws send`` subcommand and ``emit``'s name: ``post-liked``."""
+        return self.event.replace("_", "-")
 
+    def validate(self, body: Any) -> dict[str, Any]:
+        """The rule's keyword arguments, or ``PublishError`` naming the field."""
+        return check_body(self.fields, body)
 
-def _timestamp(name: str, value: Any) -> str:
-    """An ISO 8601 timestamp (string or datetime) in the protocol's form, e.g. 2024-01-02T03:04:05.678Z."""
-    if isinstance(value, datetime | str):
-        try:
-            return iso(value) or ""
-        except ValueError:
-            pass
-    raise PublishError(f"{name} must be an ISO 8601 timestamp such as 2024-01-02T03:04:05.000Z")
+    async def prepare(self, store: Store, body: Any) -> Emission:
+        """Check ``body`` (the JSON body, fields by JSON name) and run the delivery rule."""
+        return await self.rule(store, **self.validate(body))
 
-
-def _json(name: str, value: Any) -> Any:
-    if nested_deeper_than(value, MAX_EVENT_DEPTH):
-        raise PublishError(f"{name} is nested deeper than {MAX_EVENT_DEPTH} levels")
-    try:
-        orjson.dumps(value)
-    except TypeError:
-        raise PublishError(
-            f"{name} must be JSON (objects, lists, strings, numbers, booleans, null)"
-        ) from None
-    return value
-
-
-def _mapping(name: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise PublishError(f"{name} must be an object")
-    return dict(value)
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of the body."""
+        return {
+            "type": "object",
+            "required": [f.name for f in self.fields if f.required],
+            "properties": {f.name: f.schema() for f in self.fields},
+            "additionalProperties": False,
+            **dict(self.schema_rules),
+        }
 
 
 async def _need_user(store: Store, name: str, user_id: str) -> None:
@@ -122,7 +142,7 @@ async def _need_post(store: Store, name: str, post_id: str) -> None:
         raise NotFound(f"{name}: no post {post_id}")
 
 
-# -- notifications ------------------------------------------------------------------------------------
+# -- the delivery rules: each gets the checked fields by keyword ---------------------------------------------
 
 
 async def prepare_notification(
@@ -131,33 +151,17 @@ async def prepare_notification(
     type: str,
     title: str,
     message: str,
-    metadata: Any = None,
-    persist: bool = False,
-    *,
-    notification_id: str | None = None,
-    created_at: str | datetime | None = None,
+    metadata: Any,
+    persist: bool,
+    notification_id: str | None,
+    created_at: str | None,
 ) -> Emission:
-    """``notification`` to every connection of the user.
-
-    ``persist=True``: the server writes the ``notifications`` row (a new cuid-like id, or
-    ``notification_id``) and the event carries the stored row. Sending again with the same
-    ``notification_id`` reuses the row: never a second copy. ``persist=False``: the caller already wrote
-    the row (pass its ``notification_id`` and ``created_at``) or wants a notification that is not kept.
-    """
-    user_id = _id("userId", user_id)
-    if not sql.is_notification_type(type):
-        raise PublishError(f"type must be one of {', '.join(NOTIFICATION_TYPES)}")
-    title = _text("title", title) or ""
-    message = _text("message", message) or ""
-    metadata = _json("metadata", metadata)
-    if not isinstance(persist, bool):
-        raise PublishError("persist must be true or false")
-    if notification_id is not None:
-        notification_id = _id("id", notification_id)
-    if created_at is not None:
-        if persist:
-            raise PublishError("createdAt: a notification the server persists gets the time it is written")
-        created_at = _timestamp("createdAt", created_at)
+    """``persist``: the server writes the ``notifications`` row (a new cuid-like id, or
+    ``notification_id``) and the event carries the stored row; the same ``notification_id`` again reuses
+    the row, never a second copy. Otherwise the caller wrote the row already (and passes its id and
+    ``created_at``) or wants a notification that is not kept."""
+    if created_at is not None and persist:
+        raise PublishError("createdAt: a notification the server persists gets the time it is written")
     await _need_user(store, "userId", user_id)
     if persist:
         stored = await sql.get_notification(store.q, notification_id) if notification_id else None
@@ -183,9 +187,7 @@ async def prepare_notification(
 
 
 async def prepare_notification_read(store: Store, user_id: str, notification_id: str) -> Emission:
-    """Mark the user's notification read (checking it is theirs); ``notification_read`` to the user."""
-    user_id = _id("userId", user_id)
-    notification_id = _id("notificationId", notification_id)
+    """Marks the notification read, checking it is the user's."""
     await _need_user(store, "userId", user_id)
     if not await sql.mark_read(store.q, user_id, notification_id):
         raise NotFound(f"notificationId: user {user_id} has no notification {notification_id}")
@@ -194,22 +196,14 @@ async def prepare_notification_read(store: Store, user_id: str, notification_id:
 
 
 async def prepare_notifications_cleared(store: Store, user_id: str) -> Emission:
-    """Mark all of the user's unread notifications read; ``notifications_cleared`` to the user."""
-    user_id = _id("userId", user_id)
+    """Marks all of the user's unread notifications read."""
     await _need_user(store, "userId", user_id)
     await sql.clear(store.q, user_id)
     return Emission({"type": "notifications_cleared", "userId": user_id}, users=[user_id])
 
 
-# -- posts and comments -----------------------------------------------------------------------------------
-
-
-async def prepare_post_likes(store: Store, post_id: str, user_id: str, is_liked: bool) -> Emission:
-    """``post_liked`` / ``post_unliked`` to ``post_P``, with ``likesCount`` as ``posts`` has it now."""
-    post_id = _id("postId", post_id)
-    user_id = _id("userId", user_id)
-    if not isinstance(is_liked, bool):
-        raise PublishError("isLiked must be true or false")
+async def prepare_post_likes(store: Store, post_id: str, user_id: str, *, is_liked: bool) -> Emission:
+    """``likesCount`` as ``posts`` has it now (the web app's transaction has committed)."""
     likes = await sql.likes_count(store.q, post_id)
     if likes is None:
         raise NotFound(f"postId: no post {post_id}")
@@ -224,58 +218,32 @@ async def prepare_post_likes(store: Store, post_id: str, user_id: str, is_liked:
 
 
 async def prepare_post_created(
-    store: Store, post: str | Mapping[str, Any], subscriber_ids: Iterable[str] | None = None
+    store: Store, post: dict[str, Any], subscriber_ids: list[str] | None
 ) -> Emission:
-    """``post_created`` to ``creator_C`` and the ``feed_S`` of each subscriber, in one publish.
-
-    ``post`` is a post id or an object with ``id`` (a whole post object is fine): the fields the event
-    carries come from the ``posts`` row, overridden by ``title``/``type``/``thumbnail``/``createdAt``
-    when given. ``subscriber_ids`` defaults to the creator's active paid subscribers.
-    """
-    given = {"id": post} if isinstance(post, str | int) and not isinstance(post, bool) else post
-    given = _mapping("post", given)
-    post_id = _id("post.id", given.get("id"))
+    """The event's five post fields come from the ``posts`` row, overridden by those ``post`` gives; one
+    publish to ``creator_C`` and every ``feed_S`` (default: the creator's active paid subscribers)."""
+    post_id = post["id"]
     stored = await sql.post_summary(store.q, post_id)
     if stored is None:
         raise NotFound(f"post.id: no post {post_id}")
     creator_id = stored.pop("creatorId")
-    if given.get("creatorId") is not None and _id("post.creatorId", given["creatorId"]) != creator_id:
+    if post.get("creatorId", creator_id) != creator_id:
         raise PublishError(f"post.creatorId: post {post_id} belongs to {creator_id}")
-    for name in ("title", "type"):
-        if name in given:
-            stored[name] = _text(f"post.{name}", given[name])
-    if "thumbnail" in given:
-        stored["thumbnail"] = _text("post.thumbnail", given["thumbnail"], optional=True)
-    if given.get("createdAt") is not None:
-        stored["createdAt"] = _timestamp("post.createdAt", given["createdAt"])
+    stored.update({k: v for k, v in post.items() if k in ("title", "type", "thumbnail", "createdAt")})
     if subscriber_ids is None:
-        subscribers = await sql.active_subscriber_ids(store.q, creator_id)
-    else:
-        if isinstance(subscriber_ids, str | bytes | Mapping) or not isinstance(subscriber_ids, Iterable):
-            raise PublishError("subscriberIds must be a list of user ids")
-        subscribers = [_id(f"subscriberIds[{i}]", s) for i, s in enumerate(subscriber_ids)]
+        subscriber_ids = await sql.active_subscriber_ids(store.q, creator_id)
     event = {"type": "post_created", "creatorId": creator_id, "post": stored}
-    return Emission(event, channels=[f"creator_{creator_id}", *(f"feed_{s}" for s in subscribers)])
+    return Emission(event, channels=[f"creator_{creator_id}", *(f"feed_{s}" for s in subscriber_ids)])
 
 
 async def prepare_post_deleted(store: Store, post_id: str) -> Emission:
-    """``post_deleted`` to ``post_P`` (the row may already be gone, so it is not looked up)."""
-    post_id = _id("postId", post_id)
+    """The row may already be gone, so it is not looked up."""
     return Emission({"type": "post_deleted", "postId": post_id}, channels=[f"post_{post_id}"])
 
 
-async def prepare_comment_added(store: Store, post_id: str, comment: Mapping[str, Any]) -> Emission:
-    """``comment_added`` to ``post_P``; ``comment`` has ``id``, ``userId``, ``content``, ``createdAt``."""
-    post_id = _id("postId", post_id)
-    given = _mapping("comment", comment)
-    shaped = {
-        "id": _id("comment.id", given.get("id")),
-        "userId": _id("comment.userId", given.get("userId")),
-        "content": _text("comment.content", given.get("content")),
-        "createdAt": _timestamp("comment.createdAt", given["createdAt"])
-        if given.get("createdAt") is not None
-        else iso(utcnow()),
-    }
+async def prepare_comment_added(store: Store, post_id: str, comment: dict[str, Any]) -> Emission:
+    """The comment's four fields; ``createdAt`` defaults to now."""
+    shaped = {**comment, "createdAt": comment.get("createdAt") or iso(utcnow())}
     await _need_post(store, "postId", post_id)
     await _need_user(store, "comment.userId", shaped["userId"])
     return Emission(
@@ -284,32 +252,20 @@ async def prepare_comment_added(store: Store, post_id: str, comment: Mapping[str
 
 
 async def prepare_comment_deleted(store: Store, post_id: str, comment_id: str) -> Emission:
-    """``comment_deleted`` to ``post_P``."""
-    post_id = _id("postId", post_id)
-    comment_id = _id("commentId", comment_id)
     await _need_post(store, "postId", post_id)
     event = {"type": "comment_deleted", "postId": post_id, "commentId": comment_id}
     return Emission(event, channels=[f"post_{post_id}"])
 
 
-# -- creators, subscriptions, feeds -----------------------------------------------------------------------
-
-
-async def prepare_creator_updated(store: Store, creator_id: str, changes: Mapping[str, Any]) -> Emission:
-    """``creator_updated`` with the changed fields under ``data``, to ``creator_C``."""
-    creator_id = _id("creatorId", creator_id)
-    data = _json("changes", _mapping("changes", changes))
-    if not data:
-        raise PublishError("changes must name at least one changed field")
+async def prepare_creator_updated(store: Store, creator_id: str, changes: dict[str, Any]) -> Emission:
+    """The changed fields go out as the event's ``data``."""
     await _need_user(store, "creatorId", creator_id)
-    event = {"type": "creator_updated", "creatorId": creator_id, "data": data}
+    event = {"type": "creator_updated", "creatorId": creator_id, "data": changes}
     return Emission(event, channels=[f"creator_{creator_id}"])
 
 
 async def prepare_new_subscription(store: Store, creator_id: str, user_id: str) -> Emission:
-    """``new_subscription`` to the creator's connections only (never the public ``creator_C``)."""
-    creator_id = _id("creatorId", creator_id)
-    user_id = _id("userId", user_id)
+    """To the creator's connections, never the public ``creator_C``: anyone may join that channel."""
     await _need_user(store, "creatorId", creator_id)
     await _need_user(store, "userId", user_id)
     event = {"type": "new_subscription", "creatorId": creator_id, "userId": user_id}
@@ -317,20 +273,216 @@ async def prepare_new_subscription(store: Store, creator_id: str, user_id: str) 
 
 
 async def prepare_feed_update(store: Store, user_id: str, posts: list[Any]) -> Emission:
-    """``feed_update`` with ``posts`` to every connection of the user."""
-    user_id = _id("userId", user_id)
-    if not isinstance(posts, list | tuple):
-        raise PublishError("posts must be a list")
-    posts = _json("posts", list(posts))
     await _need_user(store, "userId", user_id)
     return Emission({"type": "feed_update", "userId": user_id, "posts": posts}, users=[user_id])
 
 
-# -- the API object -----------------------------------------------------------------------------------------
+# -- the table ----------------------------------------------------------------------------------------------
+
+USER = Field("userId", ID, "the user (every connection of this user receives the event)")
+POST_ID = Field("postId", ID, "the post")
+CREATOR = Field("creatorId", ID, "the creator")
+
+POST = record(
+    "post",
+    "the post (a whole post object is fine); fields not given come from the posts row",
+    (
+        Field("id", ID, "the post id"),
+        Field("creatorId", ID, "checked against the post's creator", required=False),
+        Field("title", STRING, "instead of the posts row's title", required=False),
+        Field("type", STRING, "instead of the posts row's type", required=False),
+        Field("thumbnail", STRING_OR_NULL, "instead of the posts row's thumbnail", required=False),
+        Field("createdAt", TIMESTAMP, "instead of the posts row's createdAt", required=False),
+    ),
+    or_id=True,
+)
+COMMENT = record(
+    "comment",
+    "the comment",
+    (
+        Field("id", ID, "the comment id"),
+        Field("userId", ID, "the comment's author"),
+        Field("content", STRING, "the comment's text"),
+        Field("createdAt", TIMESTAMP, "when it was written; default: now", required=False),
+    ),
+)
+
+EVENTS: tuple[Event, ...] = (
+    Event(
+        "notification",
+        "Send a notification (optionally persisting the notifications row)",
+        "every connection of the user (which covers notifications_U)",
+        (
+            Field("userId", ID, "the recipient"),
+            Field("type", NOTIFICATION_TYPE, "the notification type", cli_default="SYSTEM_ANNOUNCEMENT"),
+            Field("title", STRING, "the title"),
+            Field("message", STRING, "the text"),
+            Field("metadata", JSON, "any JSON the web app attaches (e.g. postId)", required=False),
+            Field(
+                "persist",
+                BOOLEAN,
+                "true: the server writes the notifications row (the event carries the stored row); "
+                "false (default): the caller wrote it already or it is not kept",
+                required=False,
+                default=False,
+            ),
+            Field(
+                "id",
+                ID,
+                "the notification id: the row the web app wrote (persist false), or the id to write "
+                "(persist true; sending again reuses the row). Default: a new cuid-like id",
+                required=False,
+                keyword="notification_id",
+                keyword_only=True,
+            ),
+            Field(
+                "createdAt",
+                TIMESTAMP,
+                "the row's createdAt (persist false only: refused with persist true); default: now",
+                required=False,
+                keyword_only=True,
+            ),
+        ),
+        {"userId": "U", "type": "LIKE_POST", "title": "New like", "message": "Bob liked your post"},
+        prepare_notification,
+        "send_notification",
+        raises=(NotFound, Conflict),
+        # createdAt with persist true is refused: the row the server writes gets the time it is written.
+        schema_rules=(
+            ("not", {"required": ["persist", "createdAt"], "properties": {"persist": {"const": True}}}),
+        ),
+    ),
+    Event(
+        "notification_read",
+        "Mark one of the user's notifications read",
+        "every connection of the user",
+        (USER, Field("notificationId", ID, "a notification of that user")),
+        {"userId": "U", "notificationId": "N"},
+        prepare_notification_read,
+        "mark_notification_read",
+    ),
+    Event(
+        "notifications_cleared",
+        "Mark all of the user's unread notifications read",
+        "every connection of the user",
+        (USER,),
+        {"userId": "U"},
+        prepare_notifications_cleared,
+        "clear_notifications",
+    ),
+    Event(
+        "post_liked",
+        "A user liked a post (likesCount is read from posts)",
+        "post_P",
+        (POST_ID, Field("userId", ID, "who liked it")),
+        {"postId": "P", "userId": "U"},
+        partial(prepare_post_likes, is_liked=True),
+        "notify_post_liked",
+    ),
+    Event(
+        "post_unliked",
+        "A user took back a like (likesCount is read from posts)",
+        "post_P",
+        (POST_ID, Field("userId", ID, "who unliked it")),
+        {"postId": "P", "userId": "U"},
+        partial(prepare_post_likes, is_liked=False),
+        "notify_post_unliked",
+    ),
+    Event(
+        "post_created",
+        "A creator published a post",
+        "creator_C and the feed_S of each active paid subscriber S",
+        (
+            Field("post", POST, "the post id, or the post object"),
+            Field(
+                "subscriberIds",
+                IDS,
+                "whose feeds receive it; default: the creator's active paid subscribers",
+                required=False,
+            ),
+        ),
+        {"post": {"id": "P", "thumbnail": "https://cdn.example/p.jpg"}},
+        prepare_post_created,
+        "notify_new_post",
+    ),
+    Event(
+        "post_deleted",
+        "A post was deleted",
+        "post_P",
+        (POST_ID,),
+        {"postId": "P"},
+        prepare_post_deleted,
+        "notify_post_deleted",
+        raises=(),  # announced although the row is gone: nothing is looked up
+    ),
+    Event(
+        "comment_added",
+        "A comment was added to a post",
+        "post_P",
+        (POST_ID, Field("comment", COMMENT, "the comment")),
+        {"postId": "P", "comment": {"id": "K", "userId": "U", "content": "Nice!"}},
+        prepare_comment_added,
+        "notify_new_comment",
+    ),
+    Event(
+        "comment_deleted",
+        "A comment was deleted",
+        "post_P",
+        (POST_ID, Field("commentId", ID, "the comment")),
+        {"postId": "P", "commentId": "K"},
+        prepare_comment_deleted,
+        "notify_comment_deleted",
+    ),
+    Event(
+        "creator_updated",
+        "A creator's public profile changed",
+        "creator_C",
+        (CREATOR, Field("changes", CHANGES, "the changed fields; the event carries them as data")),
+        {"creatorId": "C", "changes": {"nickname": "new-name"}},
+        prepare_creator_updated,
+        "notify_creator_update",
+    ),
+    Event(
+        "new_subscription",
+        "A user subscribed to a creator",
+        "the creator only (every connection of the creator; never the public creator_C)",
+        (CREATOR, Field("userId", ID, "the new subscriber")),
+        {"creatorId": "C", "userId": "U"},
+        prepare_new_subscription,
+        "notify_new_subscription",
+    ),
+    Event(
+        "feed_update",
+        "New content for a user's feed",
+        "every connection of the user (which covers feed_U)",
+        (USER, Field("posts", LIST, "the posts, as the feed shows them")),
+        {"userId": "U", "posts": [{"id": "P", "title": "Hello"}]},
+        prepare_feed_update,
+        "update_user_feed",
+    ),
+)
+
+BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
+
+#: What the browser client also listens for, with no entry above: these go out as they are published,
+#: through :meth:`Events.publish` / ``POST /api/publish`` / ``fonana-ws send raw``.
+OTHER_EVENT_TYPES: tuple[str, ...] = (
+    "subscription_cancelled",
+    "earnings_updated",
+    "flash_sale_created",
+    "flash_sale_ended",
+    "post_updated",
+    "post_purchased",
+    "subscription_updated",
+)
+
+
+# -- the Python API -----------------------------------------------------------------------------------------
 
 
 class Events:
-    """One method per Fonana event; each prepares the event and publishes it, returning the Emission."""
+    """The events API: one method per entry of :data:`EVENTS` (generated from it, below), ``emit`` for
+    any entry by name, ``publish``/``publish_to`` for any other event. Each returns the Emission."""
 
     def __init__(self, publisher: Publisher, store: Store) -> None:
         self.publisher = publisher
@@ -341,71 +493,24 @@ class Events:
         """The events API of a running server (``request.app.state.services``)."""
         return cls(services.publisher, services.store)
 
-    async def emit(self, emission: Emission) -> Emission:
-        if nested_deeper_than(emission.event, MAX_EVENT_DEPTH):
-            raise PublishError(f"event is nested deeper than {MAX_EVENT_DEPTH} levels")
+    async def emit(self, name: str, /, **fields: Any) -> Emission:
+        """The event ``name`` (``post-liked``: the route name) with its body ``fields`` by JSON name,
+        checked, prepared and published as ``POST /api/events/<name>`` does."""
+        if name not in BY_NAME:
+            raise PublishError(f"{name}: no such event (expected {', '.join(BY_NAME)})")
+        return await self.deliver(await BY_NAME[name].prepare(self.store, fields))
+
+    async def deliver(self, emission: Emission) -> Emission:
+        """Publish a prepared emission; the returned copy carries the event id."""
         event_id = await self.publisher.publish(
             emission.event, channels=emission.channels, users=emission.users
         )
         return replace(emission, id=event_id)
 
-    async def send_notification(
-        self,
-        user_id: str,
-        type: str,
-        title: str,
-        message: str,
-        metadata: Any = None,
-        persist: bool = False,
-        *,
-        notification_id: str | None = None,
-        created_at: str | datetime | None = None,
-    ) -> Emission:
-        return await self.emit(
-            await prepare_notification(
-                self.store,
-                user_id,
-                type,
-                title,
-                message,
-                metadata,
-                persist,
-                notification_id=notification_id,
-                created_at=created_at,
-            )
-        )
-
-    async def mark_notification_read(self, user_id: str, notification_id: str) -> Emission:
-        return await self.emit(await prepare_notification_read(self.store, user_id, notification_id))
-
-    async def clear_notifications(self, user_id: str) -> Emission:
-        return await self.emit(await prepare_notifications_cleared(self.store, user_id))
-
     async def update_post_likes(self, post_id: str, user_id: str, is_liked: bool) -> Emission:
-        return await self.emit(await prepare_post_likes(self.store, post_id, user_id, is_liked))
-
-    async def notify_new_post(
-        self, post: str | Mapping[str, Any], subscriber_ids: Iterable[str] | None = None
-    ) -> Emission:
-        return await self.emit(await prepare_post_created(self.store, post, subscriber_ids))
-
-    async def notify_post_deleted(self, post_id: str) -> Emission:
-        return await self.emit(await prepare_post_deleted(self.store, post_id))
-
-    async def notify_new_comment(self, post_id: str, comment: Mapping[str, Any]) -> Emission:
-        return await self.emit(await prepare_comment_added(self.store, post_id, comment))
-
-    async def notify_comment_deleted(self, post_id: str, comment_id: str) -> Emission:
-        return await self.emit(await prepare_comment_deleted(self.store, post_id, comment_id))
-
-    async def notify_creator_update(self, creator_id: str, changes: Mapping[str, Any]) -> Emission:
-        return await self.emit(await prepare_creator_updated(self.store, creator_id, changes))
-
-    async def notify_new_subscription(self, creator_id: str, user_id: str) -> Emission:
-        return await self.emit(await prepare_new_subscription(self.store, creator_id, user_id))
-
-    async def update_user_feed(self, user_id: str, posts: list[Any]) -> Emission:
-        return await self.emit(await prepare_feed_update(self.store, user_id, posts))
+        """``post_liked`` (``is_liked``) or ``post_unliked`` to ``post_P``, with the stored likesCount."""
+        name = "post-liked" if BOOLEAN.check("isLiked", is_liked) else "post-unliked"
+        return await self.emit(name, postId=post_id, userId=user_id)
 
     async def publish(self, target: str, event: dict[str, Any]) -> Emission:
         """Any event (``earnings_updated``, ``post_updated``, ...) to a channel key or a user.
@@ -426,7 +531,50 @@ class Events:
         emission = Emission(
             event, channels=[channel] if channel is not None else [], users=[user] if user is not None else []
         )
-        return await self.emit(emission)
+        return await self.deliver(emission)
+
+
+def _method(entry: Event) -> Callable[..., Awaitable[Emission]]:
+    """The :class:`Events` method of an entry: its fields as parameters, by Python keyword."""
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in entry.fields:
+        annotation = f.kind.annotation
+        if not f.required and f.default is None:  # None stands for absent
+            annotation = annotation | None
+        parameters.append(
+            inspect.Parameter(
+                f.keyword,
+                inspect.Parameter.KEYWORD_ONLY if f.keyword_only else inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=inspect.Parameter.empty if f.required else f.default,
+                annotation=annotation,
+            )
+        )
+    signature = inspect.Signature(parameters, return_annotation=Emission)
+
+    async def method(self: Events, *args: Any, **kwargs: Any) -> Emission:
+        given = signature.bind(self, *args, **kwargs).arguments
+        fields = {f.name: given[f.keyword] for f in entry.fields if given.get(f.keyword) is not None}
+        return await self.emit(entry.name, **fields)
+
+    method.__name__ = entry.method
+    method.__qualname__ = f"Events.{entry.method}"
+    method.__signature__ = signature  # type: ignore[attr-defined]
+    method.__doc__ = describe(entry)
+    return method
+
+
+def describe(entry: Event) -> str:
+    """The docstring of an entry: what it sends to whom, each argument, ``POST`` body name included."""
+    lines = [f"{entry.summary}: ``{entry.event}`` to {entry.delivered_to}.", ""]
+    for f in entry.fields:
+        optional = "" if f.required else ", optional"
+        lines.append(f"``{f.keyword}`` (JSON ``{f.name}``{optional}): {f.doc}.")
+    lines += ["", f"Same as ``Events.emit({entry.name!r}, ...)`` and ``POST /api/events/{entry.name}``."]
+    return "\n".join(lines)
+
+
+for _entry in EVENTS:
+    setattr(Events, _entry.method, _method(_entry))
 
 
 @asynccontextmanager

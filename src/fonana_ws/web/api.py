@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from typing import Any
 
@@ -11,7 +10,8 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from fonana_ws.broker import BrokerUnavailable, PayloadTooLarge
+from fonana_ws.auth import api_key_matches
+from fonana_ws.fonana.errors import REFUSED, BodyRefused, BodyTimeout, BodyTooLarge, refusal_of
 from fonana_ws.fonana.publisher import PublishError
 from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
 from fonana_ws.web.services import Services
@@ -37,27 +37,25 @@ def check_api_key(request: Request) -> JSONResponse | None:
     key = services(request).settings.api_key
     if not key:
         return problem(403, "publishing over HTTP is disabled: WS_API_KEY is not set")
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if not given or not hmac.compare_digest(given.encode(), key.encode()):
+    if not api_key_matches(request.headers.get("authorization", ""), key):
         return problem(401, "missing or wrong API key (Authorization: Bearer <WS_API_KEY>)")
     return None
 
 
-class BodyRefused(Exception):
-    """The body was not read to its end: too large (413), too slow (408), or the client went away."""
+def refused(exc: BaseException, where: str) -> JSONResponse:
+    """The answer to a failure, from the one table (``fonana.errors.REFUSALS``); the server's own faults
+    (5xx) are logged for the operator, with the detail the answer leaves out.
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def response(self) -> JSONResponse:
-        # Answered while the client may still be sending. The connection is not closed at once: closing
-        # a socket with unread bytes resets it, and the reset can destroy the answer before the client
-        # reads it. uvicorn discards the rest of the body unbuffered, the edge's body deadline
-        # (WS_BODY_TIMEOUT + 1 s from the headers, http_edge) ends a body that does not end, and a client
-        # that waited for ``100 Continue`` (curl above 1 MB) gets the answer and sends nothing.
-        return JSONResponse({"error": str(self)}, status_code=self.status)
+    A ``BodyRefused`` is answered while the client may still be sending. The connection is not closed at
+    once: closing a socket with unread bytes resets it, and the reset can destroy the answer before the
+    client reads it. uvicorn discards the rest of the body unbuffered, the edge's body deadline
+    (WS_BODY_TIMEOUT + 1 s from the headers, http_edge) ends a body that does not end, and a client that
+    waited for ``100 Continue`` (curl above 1 MB) gets the answer and sends nothing.
+    """
+    refusal = refusal_of(type(exc))
+    if refusal.server_fault:
+        log.error("%s: %s (%s: %s)", where, refusal.cli, type(exc).__name__, exc)
+    return problem(refusal.status, refusal.reason(exc))
 
 
 async def read_body(request: Request) -> bytes:
@@ -66,7 +64,8 @@ async def read_body(request: Request) -> bytes:
     A declared ``Content-Length`` over the limit is refused before a byte of the body is read (a client
     that waits for ``100 Continue`` never sends it); a body that turns out longer (chunked, or more than
     it declared) is refused as soon as the count passes the limit, so no more than the limit plus one
-    chunk is ever held. Raises ``BodyRefused``.
+    chunk is ever held. Raises ``BodyTooLarge`` (413), ``BodyTimeout`` (408), or ``BodyRefused`` when the
+    client goes away.
     """
     settings = services(request).settings
     limit = settings.max_event_size
@@ -75,7 +74,7 @@ async def read_body(request: Request) -> bytes:
     except ValueError:  # httptools refuses such a request before it gets here
         declared = 0
     if declared > limit:
-        raise BodyRefused(413, f"body is larger than {limit} bytes (Content-Length {declared})")
+        raise BodyTooLarge(f"body is larger than {limit} bytes (Content-Length {declared})")
     chunks: list[bytes] = []
     size = 0
     try:
@@ -83,12 +82,12 @@ async def read_body(request: Request) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise BodyRefused(413, f"body is larger than {limit} bytes")
+                    raise BodyTooLarge(f"body is larger than {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        raise BodyRefused(408, f"body not received within {settings.body_timeout:g} seconds") from None
+        raise BodyTimeout(f"body not received within {settings.body_timeout:g} seconds") from None
     except ClientDisconnect:
-        raise BodyRefused(400, "the client went away before its body was in") from None
+        raise BodyRefused("the client went away before its body was in") from None
     return b"".join(chunks)
 
 
@@ -110,20 +109,40 @@ async def read_json(request: Request) -> Any:
 async def publish_and_answer(
     request: Request, event: Any, channels: list[str], users: list[str], event_id: str | None = None
 ) -> Response:
-    """Publish through the process's publisher and map each failure to its HTTP answer."""
+    """Publish through the process's publisher; a failure gets its answer from the table."""
     svc = services(request)
     if nested_deeper_than(event, MAX_EVENT_DEPTH):
         return problem(400, f"event is nested deeper than {MAX_EVENT_DEPTH} levels")
     try:
         event_id = await svc.publisher.publish(event, channels=channels, users=users, event_id=event_id)
-    except PublishError as exc:
-        return problem(400, str(exc))
-    except PayloadTooLarge as exc:
-        return problem(413, str(exc))
-    except BrokerUnavailable as exc:
-        log.error("publish failed, broker unavailable: %s", exc)
-        return problem(503, f"broker unavailable: {exc}")
+    except REFUSED as exc:
+        return refused(exc, request.url.path)
     return JSONResponse({"ok": True, "id": event_id, "channels": channels, "users": users}, status_code=202)
+
+
+def publish_body(body: Any) -> tuple[Any, list[str], list[str], str | None]:
+    """``/api/publish``'s body -> (event, channels, users, event id), or ``PublishError`` naming the field.
+
+    A field given must have a value: null is refused, not taken as absent (the document says so).
+    """
+    if not isinstance(body, dict):
+        raise PublishError("body must be a JSON object")
+    if "event" not in body:
+        raise PublishError("event is required")
+    channels, users = [], []
+    if "channel" in body:
+        if not isinstance(body["channel"], str):
+            raise PublishError("channel must be a channel key string such as post_P")
+        channels.append(body["channel"])
+    if "user" in body:
+        if not isinstance(body["user"], str):
+            raise PublishError("user must be a user id string")
+        users.append(body["user"])
+    if not channels and not users:
+        raise PublishError("channel or user is required")
+    if "id" in body and not isinstance(body["id"], str):
+        raise PublishError("id must be an event id string")
+    return body["event"], channels, users, body.get("id")
 
 
 async def publish(request: Request) -> Response:
@@ -131,31 +150,11 @@ async def publish(request: Request) -> Response:
     if (denied := check_api_key(request)) is not None:
         return denied
     try:
-        body = await read_json(request)
-    except BodyRefused as exc:
-        return exc.response()
-    except PublishError as exc:
-        return problem(400, str(exc))
-    if not isinstance(body, dict):
-        return problem(400, "body must be a JSON object")
-    if "event" not in body:
-        return problem(400, "event is required")
-    # A field given must have a value (null is refused, not taken as absent: the document says so).
-    channels, users = [], []
-    if "channel" in body:
-        if not isinstance(body["channel"], str):
-            return problem(400, "channel must be a channel key string such as post_P")
-        channels.append(body["channel"])
-    if "user" in body:
-        if not isinstance(body["user"], str):
-            return problem(400, "user must be a user id string")
-        users.append(body["user"])
-    if not channels and not users:
-        return problem(400, "channel or user is required")
-    if "id" in body and not isinstance(body["id"], str):
-        return problem(400, "id must be an event id string")
+        event, channels, users, event_id = publish_body(await read_json(request))
+    except REFUSED as exc:
+        return refused(exc, request.url.path)
     # An id chosen by the caller makes a retry after a timeout or a 503 safe (delivered once).
-    return await publish_and_answer(request, body["event"], channels, users, body.get("id"))
+    return await publish_and_answer(request, event, channels, users, event_id)
 
 
 async def health(request: Request) -> Response:
