@@ -230,8 +230,8 @@ async def test_doctor_warns_while_the_echo_path_is_on(tmp_path: Path) -> None:
         FONANA_WS_DATA_DIR=str(tmp_path / "data"),
     )
     result = await cli("doctor", env=env, cwd=tmp_path)
-    assert "echo path" not in doctor_lines(result.out), result.out
+    assert "unsafe" not in doctor_lines(result.out), result.out
     result = await cli("doctor", env={**env, "WS_CONFORMANCE_ECHO": "1"}, cwd=tmp_path)
     assert result.code == 0, result.text  # a warning: passes unless --strict
-    status, detail = doctor_lines(result.out)["echo path"]
+    status, detail = doctor_lines(result.out)["unsafe"]
     assert status == "warn" and "WS_CONFORMANCE_ECHO is on" in detail, detail

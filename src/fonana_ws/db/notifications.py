@@ -13,10 +13,13 @@ import os
 import secrets
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fonana_ws.db.schema import NOTIFICATION_TYPES
-from fonana_ws.db.store import Queries, is_postgres, iso, notification_row, utcnow
+from fonana_ws.db.store import is_postgres, iso, notification_row, utcnow
+
+if TYPE_CHECKING:
+    from fonana_ws.db.store import Queries
 
 _COLUMNS = 'id, "userId", type, title, message, "isRead", metadata, "createdAt"'
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"

@@ -7,7 +7,10 @@ so that the tests exercise the same SQL that production runs.
 
 from __future__ import annotations
 
-import databases
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import databases
 
 PAYMENT_STATUSES = ("PENDING", "PROCESSING", "COMPLETED", "FAILED", "REFUNDED")
 NOTIFICATION_TYPES = (

@@ -10,9 +10,7 @@ import json
 import time
 from collections import OrderedDict
 from datetime import UTC, datetime
-from typing import Any
-
-import databases
+from typing import TYPE_CHECKING, Any
 
 from fonana_ws.db.schema import create_schema
 
@@ -39,12 +37,18 @@ SERVER_READS: dict[str, tuple[str, ...]] = {
 
 
 #: What queries run on: the ``Database`` (its pool) or one of its ``Connection``s; same query methods.
-Queries = databases.Database | databases.core.Connection
+if TYPE_CHECKING:
+    import databases
+
+    Queries = databases.Database | databases.core.Connection
 
 
 def is_postgres(q: Queries) -> bool:
     """Only the PostgreSQL side runs on the ``Database`` itself (SQLite shares a ``Connection``)."""
-    return isinstance(q, databases.Database) and q.url.dialect == "postgresql"
+    # A Database has a url, a Connection (inside a transaction) does not: the same test as isinstance
+    # without importing databases (and SQLAlchemy, ~150 ms) at module level.
+    url = getattr(q, "url", None)
+    return url is not None and url.dialect == "postgresql"
 
 
 def utcnow() -> datetime:
@@ -144,6 +148,8 @@ class Store:
         access_cache_size: int = 10_000,
     ) -> None:
         self.url = url
+        import databases  # here, not at module level: the CLI's commands that never open a store skip it
+
         self.db = databases.Database(url)
         self._user_ttl = user_cache_ttl
         self._user_cache_size = user_cache_size
