@@ -1890,8 +1890,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ours-checkout",
         action="append",
         metavar="NAME=DIR",
-        help="also start the fonana-ws of another checkout (DIR/.venv/bin/python, e.g. the commit before a "
-        "change) as target NAME, next to --spawn-ours: before/after in one run (repeatable)",
+        help="start the fonana-ws of a checkout (DIR/.venv/bin/python, e.g. the commit before a change) as "
+        "target NAME; twice (or with --spawn-ours) gives before/after in one run (repeatable)",
     )
     p.add_argument(
         "--ours-procs",
@@ -1995,9 +1995,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not a.secret or not a.api_key:
         p.error("--secret and --api-key are required (or $JWT_SECRET / $WS_API_KEY, or --spawn-peer)")
     a.ours_checkout = a.ours_checkout or []
-    if a.ours_checkout:
-        a.spawn_ours = True
-    if not a.target and not a.spawn_peer and not a.spawn_ours:
+    if not a.target and not a.spawn_peer and not a.spawn_ours and not a.ours_checkout:
         p.error("give at least one --target NAME=WS_URL,HTTP_URL, --spawn-peer or --spawn-ours")
     if a.workers is None:
         a.workers = len(parse_cpus(a.client_cpus))
