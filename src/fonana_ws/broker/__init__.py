@@ -6,8 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from urllib.parse import urlparse
 
-from broadcaster import Broadcast
-from broadcaster._backends.base import BroadcastBackend
+from broadcaster import Broadcast, BroadcastBackend
 
 from fonana_ws.broker.base import BrokerUnavailable, PayloadTooLarge, backend_is_up, mask_url
 
@@ -17,10 +16,11 @@ log = logging.getLogger("fonana_ws.broker")
 
 
 def create_backend(url: str) -> BroadcastBackend:
-    """broadcaster's memory backend, or ours for Redis and PostgreSQL (broadcaster's are unreliable)."""
+    """Ours for every scheme: broadcaster's Redis and PostgreSQL backends are unreliable, its memory one
+    private (``broadcaster._backends``); ours use broadcaster's public ``BroadcastBackend`` only."""
     scheme = urlparse(url).scheme.split("+")[0]
     if scheme == "memory":
-        from broadcaster._backends.memory import MemoryBackend
+        from fonana_ws.broker.memory_backend import MemoryBackend
 
         return MemoryBackend(url)
     if scheme in ("redis", "rediss"):
@@ -109,8 +109,7 @@ class Broker:
         if many is not None:
             await many(items)
             return
-        # broadcaster's MemoryBackend (or another without a batch): an in-process queue that cannot
-        # fail halfway.
+        # A backend without a batch (another BroadcastBackend handed in): one publish each.
         for channel, message in items:
             await self.backend.publish(channel, message)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from broadcaster._backends.base import BroadcastBackend
+from broadcaster import BroadcastBackend
 
 logger = logging.getLogger("fonana_ws.broker")
 

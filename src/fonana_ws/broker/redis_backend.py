@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from broadcaster import Event
-from broadcaster._backends.base import BroadcastBackend
+from broadcaster import BroadcastBackend, Event
 from redis import asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.client import PubSub
