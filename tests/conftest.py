@@ -189,6 +189,12 @@ class Server:
         await demo.insert_post(self.db, post_id, creator_id, locked=locked, tier=tier)
         return post_id
 
+    async def conversation(self, from_user: str, to_user: str) -> str:
+        """A ``"Conversation"`` row between two users (protocol §7.1); its id."""
+        conversation_id = f"cv-{uuid.uuid4().hex[:10]}"
+        await demo.insert_conversation(self.db, conversation_id, from_user, to_user)
+        return conversation_id
+
 
 async def start_server(settings: Settings) -> tuple[uvicorn.Server, asyncio.Task[None]]:
     config = uvicorn_config(settings)

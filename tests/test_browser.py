@@ -29,7 +29,7 @@ import websockets
 
 from fonana_ws.auth import create_token
 
-from .conftest import Server, need_service
+from .conftest import API_KEY, Server, need_service
 
 pytestmark = pytest.mark.timeout(720)
 
@@ -309,6 +309,11 @@ async def publish(server: Server, body: dict[str, Any]) -> None:
     assert response.status_code == 202, response.text
 
 
+async def send_frame(page: Page, name: str, frame: dict[str, Any]) -> None:
+    """The page's socket ``name`` sends ``frame``, as the client does from its input handlers."""
+    assert await page.eval(f"window.fwsSockets[{js(name)}].send(JSON.stringify({js(frame)})), true") is True
+
+
 # -- Tests --------------------------------------------------------------------------------------------------
 
 
@@ -411,3 +416,55 @@ async def test_two_tabs_of_one_user_both_receive_a_notification(server: Server, 
     await asyncio.sleep(0.3)
     assert (await socket_state(second, "theirs"))["messages"] == [connected(other)]
     assert len((await socket_state(second, "mine"))["messages"]) == 3
+
+
+async def test_browser_pair_types_and_messages(server: Server, tabs: Any) -> None:
+    """A types in a conversation: B sees `typing` true, then false when A's message is published (the web
+    app's call, as for its /api/messages route); the message reaches B's conversation channel and B's other
+    tab, once each, and A's own tab through the channel only, with no typing frame of A's own."""
+    alice, bob = await server.user("alice"), await server.user("bob")
+    conversation = await server.conversation(alice, bob)
+    channel = {"type": "conversation", "id": conversation}
+    subscribed = {
+        "type": "subscribed",
+        "data": {"channel": channel, "channelKey": f"conversation_{conversation}"},
+    }
+    page_a, page_b, page_b_other = await tabs(), await tabs(), await tabs()
+    await open_socket(
+        page_a, server, "chat", server.token(alice), [{"type": "subscribe", "channel": channel}]
+    )
+    await open_socket(page_b, server, "chat", server.token(bob), [{"type": "subscribe", "channel": channel}])
+    await open_socket(page_b_other, server, "other", server.token(bob), [])
+    assert await wait_messages(page_a, "chat", 2) == [connected(alice), subscribed]
+    assert await wait_messages(page_b, "chat", 2) == [connected(bob), subscribed]
+    assert await wait_messages(page_b_other, "other", 1) == [connected(bob)]
+
+    def typing(is_typing: bool) -> dict[str, Any]:
+        return {"type": "typing", "conversationId": conversation, "userId": alice, "isTyping": is_typing}
+
+    for _ in range(3):  # a keystroke each: one true is shown
+        await send_frame(page_a, "chat", {"type": "typing", "conversationId": conversation, "isTyping": True})
+    assert (await wait_messages(page_b, "chat", 3))[2] == typing(True)
+    assert (await wait_messages(page_b_other, "other", 2))[1] == typing(True)
+
+    body = {
+        "conversationId": conversation,
+        "message": {"id": f"m-{conversation}", "senderId": alice, "content": "Hi!"},
+    }
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    response = await server.http.post("/api/events/new-message", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    message = response.json()["event"]
+    assert message["message"]["content"] == "Hi!"
+
+    def unordered(frames: list[dict[str, Any]]) -> list[bytes]:
+        return sorted(orjson.dumps(f, option=orjson.OPT_SORT_KEYS) for f in frames)
+
+    expected = unordered([message, typing(False)])
+    assert unordered((await wait_messages(page_b, "chat", 5))[3:]) == expected
+    assert unordered((await wait_messages(page_b_other, "other", 4))[2:]) == expected
+    assert (await wait_messages(page_a, "chat", 3))[2] == message
+    await asyncio.sleep(0.5)
+    assert len((await socket_state(page_b, "chat"))["messages"]) == 5
+    assert len((await socket_state(page_b_other, "other"))["messages"]) == 4
+    assert len((await socket_state(page_a, "chat"))["messages"]) == 3, "A received typing or a duplicate"

@@ -155,7 +155,9 @@ async def test_every_other_subcommand_delivers(server: Server, tmp_path: Path) -
     post_id = await server.post(creator)
     await demo.insert_subscription(server.db, uuid.uuid4().hex, fan, creator)
     stored = await sql.insert_notification(server.db, user, "LIKE_POST", "t", "m")
+    conversation = await server.conversation(fan, user)
     user_tab = await server.connect(user)
+    creator_tab = await server.connect(creator)
     post_tab = await watcher(server, await server.user(), {"type": "post", "postId": post_id})
     following = await watcher(server, await server.user(), {"type": "creator", "id": creator})
     fan_feed = await watcher(server, fan, {"type": "feed", "userId": fan})
@@ -175,6 +177,32 @@ async def test_every_other_subcommand_delivers(server: Server, tmp_path: Path) -
         ),
         (["feed-update", "--user", user, "--posts", f'[{{"id": "{post_id}"}}]'], [user_tab]),
         (["post-deleted", "--post", post_id], [post_tab]),
+        (
+            [
+                "new-message",
+                *("--conversation", conversation, "--message", "m1", "--sender", fan),
+                *("--content", "secret", "--media-url", "/m.jpg", "--is-paid", "--price", "2.5"),
+            ],
+            [user_tab],
+        ),
+        (
+            [
+                "message-read",
+                "--conversation",
+                conversation,
+                "--user",
+                user,
+                "--message",
+                "m1",
+                "--message",
+                "m2",
+            ],
+            [fan_feed],
+        ),
+        (
+            ["tip-received", "--creator", creator, "--tip", "t1", "--from-user", fan, "--amount", "5"],
+            [creator_tab],
+        ),
     ]
     covered = {args[0] for args, _ in runs} | {"notification", "post-liked", "new-subscription"}
     assert covered == set(BY_NAME)
@@ -184,12 +212,16 @@ async def test_every_other_subcommand_delivers(server: Server, tmp_path: Path) -
         assert answer["event"]["type"] == BY_NAME[args[0]].event
         for client in receivers:
             received.setdefault(id(client), []).append(answer["event"])
-    for client in (user_tab, post_tab, following, fan_feed):
+    for client in (user_tab, creator_tab, post_tab, following, fan_feed):
         expected = received[id(client)]
         frames = [await client.recv() for _ in expected]
         assert sorted(map(orjson.dumps, frames)) == sorted(map(orjson.dumps, expected))
-    await silent(user_tab, post_tab, following, fan_feed)
+    await silent(user_tab, creator_tab, post_tab, following, fan_feed)
     by_type = {a["event"]["type"]: a["event"] for a in answers}
+    paid = by_type["new_message"]["message"]
+    assert paid["isPaid"] is True and paid["price"] == 2.5 and paid["content"] is paid["mediaUrl"] is None
+    assert by_type["message_read"]["messageIds"] == ["m1", "m2"]
+    assert by_type["tip_received"]["tip"]["amount"] == 5
     assert by_type["creator_updated"]["data"] == {"nickname": "neo", "isVerified": True}
     assert by_type["post_created"]["post"]["thumbnail"] == "/t.jpg"
     assert by_type["comment_added"]["comment"]["content"] == "hi"

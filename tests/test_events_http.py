@@ -44,6 +44,8 @@ async def test_every_endpoint_answers_202_and_delivers_its_event(server: Server)
     following = await watcher(server, await server.user(), {"type": "creator", "id": creator})
     fan_feed = await watcher(server, fan, {"type": "feed", "userId": fan})
     comment = {"id": "k1", "userId": user, "content": "hi", "createdAt": "2024-01-02T03:04:05.678Z"}
+    conversation = await server.conversation(user, fan)  # fan writes to user; fan_feed is fan's tab
+    when = "2024-01-02T03:04:05.678Z"
 
     # name -> (body, the clients that must receive it, the exact event, or None: checked below)
     cases: dict[str, tuple[dict[str, Any], list, dict[str, Any] | None]] = {
@@ -97,6 +99,39 @@ async def test_every_endpoint_answers_202_and_delivers_its_event(server: Server)
             {"userId": user, "posts": [{"id": post_id}]},
             [user_tab],
             {"type": "feed_update", "userId": user, "posts": [{"id": post_id}]},
+        ),
+        "new-message": (
+            {"conversationId": conversation, "message": {"id": "m1", "senderId": fan, "createdAt": when}},
+            [user_tab],
+            {
+                "type": "new_message",
+                "conversationId": conversation,
+                "message": {
+                    "id": "m1",
+                    "conversationId": conversation,
+                    "senderId": fan,
+                    "content": None,
+                    "mediaUrl": None,
+                    "mediaType": None,
+                    "isPaid": False,
+                    "price": None,
+                    "createdAt": when,
+                },
+            },
+        ),
+        "message-read": (
+            {"conversationId": conversation, "userId": fan, "messageIds": ["m1"]},
+            [user_tab],
+            {"type": "message_read", "conversationId": conversation, "userId": fan, "messageIds": ["m1"]},
+        ),
+        "tip-received": (
+            {"creatorId": creator, "tip": {"id": "t1", "fromUserId": fan, "amount": 5, "createdAt": when}},
+            [creator_tab],
+            {
+                "type": "tip_received",
+                "creatorId": creator,
+                "tip": {"id": "t1", "fromUserId": fan, "amount": 5, "message": None, "createdAt": when},
+            },
         ),
         "post-deleted": ({"postId": post_id}, [post_tab], {"type": "post_deleted", "postId": post_id}),
     }
@@ -242,6 +277,26 @@ async def test_unknown_references_are_404(server: Server) -> None:
         ("new-subscription", {"creatorId": "ghost", "userId": user}, "creatorId: no user"),
         ("new-subscription", {"creatorId": creator, "userId": "ghost"}, "userId: no user"),
         ("feed-update", {"userId": "ghost", "posts": []}, "userId: no user"),
+        (
+            "new-message",
+            {"conversationId": "ghost", "message": {"id": "m", "senderId": user}},
+            "conversationId: no conversation ghost",
+        ),
+        (
+            "message-read",
+            {"conversationId": "ghost", "userId": user, "messageIds": ["m"]},
+            "conversationId: no conversation ghost",
+        ),
+        (
+            "tip-received",
+            {"creatorId": "ghost", "tip": {"id": "t", "fromUserId": user, "amount": 1}},
+            "creatorId: no user",
+        ),
+        (
+            "tip-received",
+            {"creatorId": creator, "tip": {"id": "t", "fromUserId": "ghost", "amount": 1}},
+            "tip.fromUserId: no user ghost",
+        ),
     ]
     for name, body, reason in cases:
         response = await post(server, name, body)

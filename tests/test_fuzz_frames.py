@@ -106,7 +106,7 @@ def test_parse_frame_raises_only_frame_error(raw: Any) -> None:
         except protocol.FrameError:
             continue
         assert isinstance(frame, protocol.ClientFrame)
-        assert frame.type in ("ping", "subscribe", "unsubscribe")
+        assert frame.type in ("ping", "subscribe", "unsubscribe", "typing")
 
 
 @fuzz_settings(400)
@@ -124,6 +124,33 @@ def test_parse_frame_types_valid_frames(data: dict[str, Any], as_bytes: bool) ->
     else:
         with pytest.raises(protocol.FrameError):
             protocol.parse_frame(text)
+
+
+@fuzz_settings(400)
+@given(
+    st.fixed_dictionaries(
+        {"type": st.just("typing")},
+        optional={"conversationId": json_scalars, "isTyping": json_scalars, "extra": json_values},
+    )
+)
+def test_parse_frame_types_typing_frames(data: dict[str, Any]) -> None:
+    conversation, is_typing = data.get("conversationId"), data.get("isTyping")
+    valid = (
+        not isinstance(conversation, bool)
+        and isinstance(conversation, str | int)
+        and 1 <= len(str(conversation)) <= 200
+        and isinstance(is_typing, bool)
+    )
+    if valid:
+        frame = protocol.parse_frame(orjson.dumps(data))
+        assert (frame.type, frame.conversation_id, frame.is_typing) == (
+            "typing",
+            str(conversation),
+            is_typing,
+        )
+    else:
+        with pytest.raises(protocol.FrameError):
+            protocol.parse_frame(orjson.dumps(data))
 
 
 @fuzz_settings(400)

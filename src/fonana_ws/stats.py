@@ -29,6 +29,17 @@ class Stats:
     subscriptions: Counter[str] = field(default_factory=Counter)
     #: Refusals by the limits of protocol §7.5 and the edge (cause -> count).
     limit_refusals: Counter[str] = field(default_factory=Counter)
+    #: Typing events relayed to the other participant (protocol §7.2), by reason: ``frame`` (a client's,
+    #: past the throttle), ``expired``, ``disconnect``, ``new_message`` (the server's own false).
+    typing_relayed: Counter[str] = field(default_factory=Counter)
+    #: Client typing frames not relayed: repeats within 2 s, and falses with no true shown.
+    typing_swallowed: int = 0
+    #: Typing events lost because the broker refused them (typing is not retried).
+    typing_relay_failures: int = 0
+    #: (user, conversation) typing states this process holds; each ends at most 6 s after its last frame.
+    typing_active: int = 0
+    #: ``new_message`` events this process published (protocol §7.1), by any route.
+    messages_relayed: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -71,9 +82,12 @@ F = TypeVar("F", bound=Callable[..., Awaitable[str]])
 
 
 def timed_publish(func: F) -> F:
-    """Decorator for ``Publisher.publish``: observe how long each successful publish took.
+    """Decorator for ``Publisher.publish``: observe how long each successful publish took, and count the
+    direct messages among them (``messages_relayed``).
 
-    The publisher keeps its ``Stats`` in ``self.stats``; the time lands in that app's histogram.
+    The publisher keeps its ``Stats`` in ``self.stats``; the time lands in that app's histogram. Every
+    route's publish (typed endpoint, ``/api/publish``, Python, CLI) passes here, so no message escapes
+    the count; the check is one dict lookup per publish.
     """
 
     @functools.wraps(func)
@@ -81,6 +95,9 @@ def timed_publish(func: F) -> F:
         started = time.perf_counter()
         result = await func(self, *args, **kwargs)
         publish_latency(self.stats).observe(time.perf_counter() - started)
+        event = args[0] if args else kwargs.get("event")
+        if event.get("type") == "new_message":  # a dict: publish validated it
+            self.stats.messages_relayed += 1
         return result
 
     return wrapper  # type: ignore[return-value]

@@ -104,7 +104,8 @@ def test_the_openapi_responses_are_the_tables_words() -> None:
             if code != "202":
                 assert response["description"] == errors.by_status(int(code)).doc, (path, code)
     paths = openapi_document()["paths"]
-    assert all("409" not in paths[p]["post"]["responses"] for p in paths if p != "/api/events/notification")
+    conflicts = {"/api/events/notification", "/api/events/new-message", "/api/events/message-read"}
+    assert {p for p in paths if "409" in paths[p]["post"]["responses"]} == conflicts
 
 
 @pytest.mark.parametrize("status", sorted({r.status for r in errors.REFUSALS}))

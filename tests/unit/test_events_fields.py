@@ -40,6 +40,24 @@ CASES: dict[str, tuple[list[tuple[Any, Any]], list[tuple[Any, str]]]] = {
     "string": ([("", ""), ("t", "t")], [(5, "f must be a string"), ([], "f must be a string")]),
     "string_or_null": ([("t", "t"), (None, None)], [(5, "f must be a string or null")]),
     "boolean": ([(True, True), (False, False)], [("yes", "f must be true or false"), (1, "f must be true")]),
+    "amount": (
+        [(5, 5), (0.01, 0.01), (1e9, 1e9)],
+        [
+            (0, "f must be a number above 0"),
+            (-1, "f must be a number above 0"),
+            ("5", "f must be a number above 0"),
+            (True, "f must be a number above 0"),  # a bool is an int in Python, never in JSON
+            (None, "f must be a number above 0"),
+        ],
+    ),
+    "price": (
+        [(0, 0), (2.5, 2.5), (None, None)],
+        [
+            (-0.5, "f must be a number of 0 or more, or null"),
+            ("2.5", "f must be a number"),
+            (False, "f must be"),
+        ],
+    ),
     "timestamp": (
         [
             ("2024-01-02T03:04:05.678Z", "2024-01-02T03:04:05.678Z"),
@@ -207,6 +225,15 @@ def test_keywords_default_to_snake_case() -> None:
     assert [f.keyword for f in FIELDS] == ["user_id", "persist", "created_at"]
     assert Field("subscriberIds", k.IDS, "s").keyword == "subscriber_ids"
     assert Field("id", k.ID, "n", keyword="notification_id").keyword == "notification_id"
+
+
+def test_amounts_are_finite_numbers() -> None:
+    """NaN and the infinities are no JSON numbers (orjson writes null): refused, not passed on."""
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(PublishError, match="^f must be a number above 0$"):
+            k.AMOUNT.check("f", value)
+        with pytest.raises(PublishError, match="^f must be a number of 0 or more, or null$"):
+            k.PRICE.check("f", value)
 
 
 def test_a_timestamp_keeps_its_instant() -> None:

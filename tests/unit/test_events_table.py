@@ -204,6 +204,8 @@ async def test_the_methods_hand_the_body_by_json_name_to_emit() -> None:
     await ev.notify_new_post({"id": "p"}, subscriber_ids=["s"])
     await ev.update_post_likes("p", "u", False)
     await ev.clear_notifications(user_id="u")
+    await ev.notify_message_read("c", "u", ["m"])
+    await ev.notify_tip_received("cr", {"id": "t", "fromUserId": "u", "amount": 5})
     assert ev.calls == [
         (
             "notification",
@@ -220,6 +222,8 @@ async def test_the_methods_hand_the_body_by_json_name_to_emit() -> None:
         ("post-created", {"post": {"id": "p"}, "subscriberIds": ["s"]}),
         ("post-unliked", {"postId": "p", "userId": "u"}),
         ("notifications-cleared", {"userId": "u"}),
+        ("message-read", {"conversationId": "c", "userId": "u", "messageIds": ["m"]}),
+        ("tip-received", {"creatorId": "cr", "tip": {"id": "t", "fromUserId": "u", "amount": 5}}),
     ]
     with pytest.raises(TypeError):
         await ev.send_notification("u", "LIKE_POST", "t", "m", None, False, "n")  # id is keyword-only

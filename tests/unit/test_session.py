@@ -8,7 +8,19 @@ import orjson
 import pytest
 
 from fonana_ws.protocol import frames
-from fonana_ws.protocol.session import CheckAccess, Join, Leave, Pending, Reply, SendUnread, Session
+from fonana_ws.protocol.session import (
+    MAX_CONVERSATIONS,
+    CheckAccess,
+    CheckConversation,
+    Join,
+    Leave,
+    Pending,
+    PendingTyping,
+    RelayTyping,
+    Reply,
+    SendUnread,
+    Session,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -240,3 +252,134 @@ def test_the_keys_set_is_the_one_passed_in() -> None:
     assert keys == {"creator_c1"}
     session.receive(frame("unsubscribe", CREATOR))
     assert keys == set()
+
+
+# -- typing (protocol §7.2) -------------------------------------------------------------------------------
+
+OTHER = "u2"
+
+
+def typing(conversation: Any, is_typing: Any = True) -> str:
+    return orjson.dumps({"type": "typing", "conversationId": conversation, "isTyping": is_typing}).decode()
+
+
+def denied(conversation: str) -> list[dict[str, Any]]:
+    channel = {"type": "conversation", "id": conversation}
+    return [{"type": "error", "data": {"message": frames.ACCESS_DENIED, "channel": channel}}]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"type": "typing", "isTyping": true}',
+        '{"type": "typing", "conversationId": "c1"}',
+        '{"type": "typing", "conversationId": "c1", "isTyping": 1}',
+        '{"type": "typing", "conversationId": "c1", "isTyping": "true"}',
+        '{"type": "typing", "conversationId": true, "isTyping": true}',
+        '{"type": "typing", "conversationId": "", "isTyping": true}',
+        '{"type": "typing", "conversationId": {"id": "c1"}, "isTyping": true}',
+        typing("c" * 201),
+    ],
+    ids=[
+        "no id",
+        "no isTyping",
+        "isTyping 1",
+        "isTyping a string",
+        "id a bool",
+        "id empty",
+        "id an object",
+        "id 201",
+    ],
+)
+def test_malformed_typing_frame_is_an_invalid_format_error(data: str) -> None:
+    session = Session(USER, 10)
+    assert replies(session.receive(data)) == [{"type": "error", "data": {"message": frames.INVALID_FORMAT}}]
+    assert session.pending is None and session.conversations is None
+
+
+def test_first_typing_frame_looks_the_conversation_up_then_relays_to_the_other_participant() -> None:
+    session = Session(USER, 10)
+    assert session.receive(typing("c1")) == [CheckConversation("c1")]
+    assert session.pending == PendingTyping("c1", True)
+    assert session.conversation_found("c1", (OTHER, USER)) == [RelayTyping("c1", OTHER, True)]
+    assert session.pending is None
+    # Remembered for the connection's life: no second lookup, either way round.
+    assert session.receive(typing("c1", False)) == [RelayTyping("c1", OTHER, False)]
+    assert session.receive(typing("c1")) == [RelayTyping("c1", OTHER, True)]
+
+
+def test_either_participant_may_type_and_integer_ids_become_strings() -> None:
+    session = Session(USER, 10)
+    assert session.receive(typing(42)) == [CheckConversation("42")]
+    assert session.conversation_found("42", (USER, OTHER)) == [RelayTyping("42", OTHER, True)]
+    assert session.receive(typing("42")) == [RelayTyping("42", OTHER, True)]  # the same conversation
+
+
+@pytest.mark.parametrize("participants", [("u3", "u4"), None], ids=["another pair's", "no such conversation"])
+def test_non_participant_is_denied_once_looked_up_and_nothing_is_relayed(participants: Any) -> None:
+    session = Session(USER, 10)
+    assert session.receive(typing("c1")) == [CheckConversation("c1")]
+    assert replies(session.conversation_found("c1", participants)) == denied("c1")
+    # The refusal is remembered too: told again without another lookup, and never a relay.
+    assert replies(session.receive(typing("c1"))) == denied("c1")
+    assert replies(session.receive(typing("c1", False))) == denied("c1")
+    assert replies(session.receive(frame("ping"))) == [{"type": "pong"}]
+
+
+def test_denial_of_an_integer_id_names_the_conversation_as_its_string() -> None:
+    session = Session(USER, 10)
+    session.receive(typing(7))
+    assert replies(session.conversation_found("7", None)) == denied("7")
+
+
+def test_failed_lookup_drops_the_frame_and_remembers_nothing() -> None:
+    session = Session(USER, 10)
+    session.receive(typing("c1"))
+    assert session.conversation_failed("c1") == []
+    assert session.pending is None
+    assert session.receive(typing("c1")) == [CheckConversation("c1")]  # asked again
+    assert session.conversation_found("c1", (USER, OTHER)) == [RelayTyping("c1", OTHER, True)]
+
+
+def test_typing_in_a_conversation_with_oneself_relays_nothing() -> None:
+    session = Session(USER, 10)
+    session.receive(typing("self"))
+    assert session.conversation_found("self", (USER, USER)) == []
+    assert session.receive(typing("self")) == []
+
+
+def test_typing_frames_are_decided_one_at_a_time_too() -> None:
+    session = Session(USER, 10)
+    session.receive(typing("c1"))
+    with pytest.raises(RuntimeError, match="c1"):
+        session.receive(frame("ping"))
+    with pytest.raises(RuntimeError, match="no lookup of conversation c2"):
+        session.conversation_found("c2", (USER, OTHER))
+    with pytest.raises(RuntimeError, match="no access check of post_p1"):
+        session.access_decided("post_p1", True)  # a typing lookup is no subscribe
+    session.conversation_found("c1", (USER, OTHER))
+    with pytest.raises(RuntimeError, match="no lookup of conversation c1"):
+        session.conversation_failed("c1")  # decided already
+    session.receive(frame("subscribe", POST))
+    with pytest.raises(RuntimeError, match="no lookup of conversation c1"):
+        session.conversation_found("c1", (USER, OTHER))  # a subscribe is no typing lookup
+
+
+def test_a_socket_remembers_its_last_conversations_only() -> None:
+    session = Session(USER, 10)
+    for n in range(MAX_CONVERSATIONS + 1):
+        assert session.receive(typing(f"c{n}")) == [CheckConversation(f"c{n}")]
+        session.conversation_found(f"c{n}", (USER, OTHER))
+    assert session.conversations is not None and len(session.conversations) == MAX_CONVERSATIONS
+    assert session.receive(typing("c0")) == [CheckConversation("c0")]  # the oldest was forgotten
+    session.conversation_found("c0", (USER, OTHER))
+    assert session.receive(typing(f"c{MAX_CONVERSATIONS}")) == [
+        RelayTyping(f"c{MAX_CONVERSATIONS}", OTHER, True)
+    ]
+
+
+def test_a_socket_that_never_types_holds_no_conversations() -> None:
+    session = Session(USER, 10)
+    join(session, POST, "post_p1")
+    session.receive(frame("ping"))
+    assert session.conversations is None

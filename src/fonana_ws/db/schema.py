@@ -1,4 +1,4 @@
-"""The tables of protocol §4, for the embedded default and the tests only.
+"""The tables of protocol §4 and §7.11, for the embedded default and the tests only.
 
 Against the web app's PostgreSQL the server never creates or alters these tables: Prisma owns them.
 The DDL follows what Prisma generates (quoted camelCase columns, TIMESTAMP(3), enum types on PostgreSQL)
@@ -59,6 +59,23 @@ def _tables(ts: str, pay: str, ntype: str, jsonb: str, boolean: str) -> list[str
             title TEXT NOT NULL, message TEXT NOT NULL, "isRead" {boolean} NOT NULL DEFAULT false,
             metadata {jsonb}, "createdAt" {ts} NOT NULL DEFAULT CURRENT_TIMESTAMP)""",
         'CREATE INDEX IF NOT EXISTS "notifications_userId_isRead_idx" ON notifications ("userId", "isRead")',
+        # Prisma models without @@map keep their model name: "Conversation" and "Message", quoted.
+        f"""CREATE TABLE IF NOT EXISTS "Conversation" (
+            id TEXT PRIMARY KEY, "fromUserId" TEXT NOT NULL REFERENCES users(id),
+            "toUserId" TEXT NOT NULL REFERENCES users(id), "lastMessageAt" {ts},
+            "createdAt" {ts} NOT NULL DEFAULT CURRENT_TIMESTAMP, "updatedAt" {ts} NOT NULL,
+            UNIQUE ("fromUserId", "toUserId"))""",
+        f"""CREATE TABLE IF NOT EXISTS "Message" (
+            id TEXT PRIMARY KEY, "conversationId" TEXT NOT NULL REFERENCES "Conversation"(id),
+            "senderId" TEXT NOT NULL REFERENCES users(id), content TEXT, "mediaUrl" TEXT, "mediaType" TEXT,
+            "isPaid" {boolean} NOT NULL DEFAULT false, price DOUBLE PRECISION,
+            "isRead" {boolean} NOT NULL DEFAULT false,
+            "createdAt" {ts} NOT NULL DEFAULT CURRENT_TIMESTAMP, metadata {jsonb})""",
+        'CREATE INDEX IF NOT EXISTS "Message_conversationId_idx" ON "Message" ("conversationId")',
+        f"""CREATE TABLE IF NOT EXISTS user_settings (
+            id TEXT PRIMARY KEY, "userId" TEXT NOT NULL UNIQUE REFERENCES users(id),
+            "showOnlineStatus" {boolean} NOT NULL DEFAULT true,
+            "allowMessages" {boolean} NOT NULL DEFAULT true)""",
     ]
 
 

@@ -33,6 +33,8 @@ SERVER_READS: dict[str, tuple[str, ...]] = {
     "subscriptions": ("userId", "creatorId", "isActive", "paymentStatus", "validUntil"),
     "post_purchases": ("userId", "postId", "paymentStatus"),
     "notifications": ("id", "userId", "type", "title", "message", "isRead", "metadata", "createdAt"),
+    # A Prisma model without @@map: the name is quoted here, so that doctor's query keeps its case.
+    '"Conversation"': ("id", "fromUserId", "toUserId"),
 }
 
 
@@ -228,6 +230,20 @@ class Store:
             {"user": user_id, "post": post_id},
         )
         return row is not None
+
+    async def conversation_participants(self, conversation_id: str) -> tuple[str, str] | None:
+        """``(fromUserId, toUserId)`` of a ``"Conversation"`` row, or None when there is no such row.
+
+        Not cached here: the channel policy caches its decision in ``access`` (5 s), and a deleted
+        conversation must stop being joinable.
+        """
+        row = await self.q.fetch_one(
+            'SELECT "fromUserId", "toUserId" FROM "Conversation" WHERE id = :id', {"id": conversation_id}
+        )
+        if row is None:
+            return None
+        r = row._mapping
+        return str(r["fromUserId"]), str(r["toUserId"])
 
     async def unread_notifications(self, user_id: str, limit: int = UNREAD_LIMIT) -> list[dict[str, Any]]:
         rows = await self.q.fetch_all(

@@ -4,11 +4,18 @@ The hub holds one broker subscription per broker topic (a channel key, or a user
 many local connections want it (``subscriptions.Subscriptions`` counts them; no task or queue per channel:
 the broker hands every message to ``on_message``), decodes each broker message once, builds the outgoing
 frame once, and hands the same bytes to every local recipient. Nothing here awaits per recipient.
+
+A watcher (``fonana.typing``) may also ask for the events of a key it has no connection for: ``watch``
+holds the key's broker topic, and each of its events is handed to ``watcher`` as well as delivered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import orjson
 
@@ -32,6 +39,10 @@ class Hub:
         self.connections: set[Connection] = set()
         #: Each connection holds its user's direct topic and one topic per key it joined.
         self.subscriptions = Subscriptions(broker, self.stats)
+        #: Key -> watches not yet ended (``watch``); empty unless someone types (protocol §7.2).
+        self.watched: dict[str, int] = {}
+        #: ``watcher(key, event)`` for each event of a watched key, after its local delivery.
+        self.watcher: Callable[[str, dict[str, Any]], None] | None = None
         broker.listen(self.on_message)
 
     # -- membership -------------------------------------------------------------------------------
@@ -91,13 +102,51 @@ class Hub:
             del self.by_key[key]
         self.subscriptions.release(env.key_channel(key))
 
+    def watch(self, key: str) -> asyncio.Future[None]:
+        """Hand ``key``'s events to ``watcher`` until a matching ``unwatch``; this process subscribes it.
+
+        The result is done once the process receives the key's events. Awaiting it is optional: a watch
+        that fails is logged here, and misses events.
+        """
+        self.watched[key] = self.watched.get(key, 0) + 1
+        ready = self.subscriptions.acquire(env.key_channel(key))
+        ready.add_done_callback(partial(_watch_done, key))
+        return ready
+
+    def unwatch(self, key: str) -> None:
+        count = self.watched.get(key, 0)
+        if count == 0:
+            raise ValueError(f"unwatch of {key!r} without a watch")
+        if count == 1:
+            del self.watched[key]
+        else:
+            self.watched[key] = count - 1
+        self.subscriptions.release(env.key_channel(key))
+
     def on_message(self, channel: str, message: str) -> None:
         """A broker message for ``channel``: its local connections are the target."""
         if channel.startswith(env.USER_PREFIX):
             conns = self.by_user.get(channel[len(env.USER_PREFIX) :])
-        else:
-            conns = self.by_key.get(channel[len(env.PREFIX) :])
-        self.deliver(conns, message)
+            self.deliver(conns, message)
+            return
+        key = channel[len(env.PREFIX) :]
+        self.deliver(self.by_key.get(key), message)
+        if key in self.watched:  # one lookup in an empty dict, unless someone is typing
+            self._hand_to_watcher(key, message)
+
+    def _hand_to_watcher(self, key: str, message: str | bytes) -> None:
+        # Decoded a second time: only events of watched keys (a conversation someone types in) pay for it.
+        watcher = self.watcher
+        if watcher is None:
+            return
+        try:
+            event = env.decode(message).event
+        except env.EnvelopeError:
+            return  # counted and logged by deliver, when someone here joined the key
+        try:
+            watcher(key, event)
+        except Exception:  # the watcher's failure must not end delivery for everyone
+            log.exception("watcher of %s failed", key)
 
     # -- fan-out ------------------------------------------------------------------------------------
 
@@ -138,3 +187,8 @@ class Hub:
         for conn in list(self.connections):
             conn.cut(code, reason)
         await self.subscriptions.close()
+
+
+def _watch_done(key: str, ready: asyncio.Future[None]) -> None:
+    if not ready.cancelled() and (exc := ready.exception()) is not None:
+        log.warning("watch of %s failed: %s", key, exc)

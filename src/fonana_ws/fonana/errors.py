@@ -38,11 +38,13 @@ __all__ = [
 
 
 class NotFound(LookupError):
-    """A user, post or notification the event refers to does not exist; the message names the field."""
+    """A user, post, notification or conversation the event refers to does not exist; the message names
+    the field."""
 
 
 class Conflict(Exception):
-    """The request contradicts a stored row (a notification id that belongs to another user)."""
+    """The request contradicts a stored row: a notification id that belongs to another user, or a sender
+    or reader who is not one of the conversation's two participants."""
 
 
 class BodyRefused(Exception):
@@ -103,9 +105,17 @@ REFUSALS: tuple[Refusal, ...] = (
         "the server does not accept HTTP publishing",
         "publishing over HTTP is disabled (WS_API_KEY is not set)",
     ),
-    Refusal(404, (NotFound,), "not found", "a referenced user, post or notification does not exist"),
+    Refusal(
+        404, (NotFound,), "not found", "a referenced user, post, notification or conversation does not exist"
+    ),
     Refusal(408, (BodyTimeout,), "too slow", "the body did not arrive within WS_BODY_TIMEOUT seconds"),
-    Refusal(409, (Conflict,), "conflict", "the notification id belongs to another user"),
+    Refusal(
+        409,
+        (Conflict,),
+        "conflict",
+        "the notification id belongs to another user, or the sender or reader is not a participant of "
+        "the conversation",
+    ),
     Refusal(
         413,
         (BodyTooLarge, PayloadTooLarge),

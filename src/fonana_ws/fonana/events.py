@@ -25,9 +25,9 @@ docs/protocol.md's event tables must list it (tests/unit/test_events_table.py ho
 Inside the server, ``Events.from_services(services)`` shares the process's publisher and store.
 
 Errors (the table of answers is :mod:`fonana_ws.fonana.errors`): ``PublishError`` (a ``ValueError``)
-for bad input, naming the field; ``NotFound`` when a referenced user, post or notification does not
-exist; ``Conflict`` when a notification id is taken by another user; ``BrokerUnavailable`` when the
-broker is down.
+for bad input, naming the field; ``NotFound`` when a referenced user, post, notification or
+conversation does not exist; ``Conflict`` when a notification id is taken by another user, or a message's
+sender or reader is not a participant of the conversation; ``BrokerUnavailable`` when the broker is down.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from fonana_ws.db import notifications as sql
 from fonana_ws.db.store import iso, utcnow
 from fonana_ws.fonana.errors import Conflict, NotFound
 from fonana_ws.fonana.fields import (
+    AMOUNT,
     BOOLEAN,
     CHANGES,
     ID,
@@ -53,6 +54,7 @@ from fonana_ws.fonana.fields import (
     JSON,
     LIST,
     NOTIFICATION_TYPE,
+    PRICE,
     STRING,
     STRING_OR_NULL,
     TIMESTAMP,
@@ -277,6 +279,66 @@ async def prepare_feed_update(store: Store, user_id: str, posts: list[Any]) -> E
     return Emission({"type": "feed_update", "userId": user_id, "posts": posts}, users=[user_id])
 
 
+async def _other_participant(store: Store, conversation_id: str, name: str, user_id: str) -> str:
+    """The participant of the conversation who is not ``user_id`` (named ``name`` in the body)."""
+    participants = await store.conversation_participants(conversation_id)
+    if participants is None:
+        raise NotFound(f"conversationId: no conversation {conversation_id}")
+    from_user, to_user = participants
+    if user_id not in participants:
+        raise Conflict(f"{name}: user {user_id} is not a participant of conversation {conversation_id}")
+    return to_user if user_id == from_user else from_user
+
+
+async def prepare_new_message(store: Store, conversation_id: str, message: dict[str, Any]) -> Emission:
+    """To ``conversation_C`` and the other participant's user topic: one publish, so a connection on both
+    routes gets it once, and the sender's own tabs only through the channel. A paid message goes out with
+    ``content`` and ``mediaUrl`` null whoever calls: it is unlocked through the web app, never here."""
+    other = await _other_participant(store, conversation_id, "message.senderId", message["senderId"])
+    paid = message.get("isPaid", False)
+    shaped = {
+        "id": message["id"],
+        "conversationId": conversation_id,  # the body's, never a member: two values could disagree
+        "senderId": message["senderId"],
+        "content": None if paid else message.get("content"),
+        "mediaUrl": None if paid else message.get("mediaUrl"),
+        "mediaType": message.get("mediaType"),
+        "isPaid": paid,
+        "price": message.get("price"),
+        "createdAt": message.get("createdAt") or iso(utcnow()),
+    }
+    event = {"type": "new_message", "conversationId": conversation_id, "message": shaped}
+    return Emission(event, channels=[f"conversation_{conversation_id}"], users=[other])
+
+
+async def prepare_message_read(
+    store: Store, conversation_id: str, user_id: str, message_ids: list[str]
+) -> Emission:
+    """Announced, not written: the web app marked the rows read (the tables are its own)."""
+    other = await _other_participant(store, conversation_id, "userId", user_id)
+    event = {
+        "type": "message_read",
+        "conversationId": conversation_id,
+        "userId": user_id,
+        "messageIds": message_ids,
+    }
+    return Emission(event, channels=[f"conversation_{conversation_id}"], users=[other])
+
+
+async def prepare_tip_received(store: Store, creator_id: str, tip: dict[str, Any]) -> Emission:
+    """To the creator's connections only: a tip is the creator's news, not the conversation's."""
+    await _need_user(store, "creatorId", creator_id)
+    await _need_user(store, "tip.fromUserId", tip["fromUserId"])
+    shaped = {
+        "id": tip["id"],
+        "fromUserId": tip["fromUserId"],
+        "amount": tip["amount"],
+        "message": tip.get("message"),
+        "createdAt": tip.get("createdAt") or iso(utcnow()),
+    }
+    return Emission({"type": "tip_received", "creatorId": creator_id, "tip": shaped}, users=[creator_id])
+
+
 # -- the table ----------------------------------------------------------------------------------------------
 
 USER = Field("userId", ID, "the user (every connection of this user receives the event)")
@@ -304,6 +366,32 @@ COMMENT = record(
         Field("userId", ID, "the comment's author"),
         Field("content", STRING, "the comment's text"),
         Field("createdAt", TIMESTAMP, "when it was written; default: now", required=False),
+    ),
+)
+CONVERSATION = Field("conversationId", ID, "the conversation")
+MESSAGE = record(
+    "message",
+    "the message (a whole Message row is fine: its conversationId is the body's)",
+    (
+        Field("id", ID, "the message id"),
+        Field("senderId", ID, "who sent it: a participant of the conversation"),
+        Field("content", STRING_OR_NULL, "the text (sent as null when isPaid)", required=False),
+        Field("mediaUrl", STRING_OR_NULL, "the attachment (sent as null when isPaid)", required=False),
+        Field("mediaType", STRING_OR_NULL, "the attachment's type", required=False),
+        Field("isPaid", BOOLEAN, "a paid message: content and mediaUrl go out null", required=False),
+        Field("price", PRICE, "the price of a paid message", required=False),
+        Field("createdAt", TIMESTAMP, "when it was written; default: now", required=False),
+    ),
+)
+TIP = record(
+    "tip",
+    "the tip",
+    (
+        Field("id", ID, "the tip id"),
+        Field("fromUserId", ID, "who tipped"),
+        Field("amount", AMOUNT, "how much"),
+        Field("message", STRING_OR_NULL, "the tipper's note", required=False),
+        Field("createdAt", TIMESTAMP, "when it was given; default: now", required=False),
     ),
 )
 
@@ -460,6 +548,39 @@ EVENTS: tuple[Event, ...] = (
         prepare_feed_update,
         "update_user_feed",
     ),
+    Event(
+        "new_message",
+        "A message was sent in a conversation (a paid one without its content and mediaUrl)",
+        "conversation_C and every connection of the other participant",
+        (CONVERSATION, Field("message", MESSAGE, "the message")),
+        {"conversationId": "C", "message": {"id": "M", "senderId": "U", "content": "Hi!"}},
+        prepare_new_message,
+        "notify_new_message",
+        raises=(NotFound, Conflict),
+    ),
+    Event(
+        "message_read",
+        "A participant read messages of a conversation",
+        "conversation_C and every connection of the other participant",
+        (
+            CONVERSATION,
+            Field("userId", ID, "the reader: a participant of the conversation"),
+            Field("messageIds", IDS, "the messages read"),
+        ),
+        {"conversationId": "C", "userId": "U", "messageIds": ["M"]},
+        prepare_message_read,
+        "notify_message_read",
+        raises=(NotFound, Conflict),
+    ),
+    Event(
+        "tip_received",
+        "A creator received a tip",
+        "every connection of the creator",
+        (CREATOR, Field("tip", TIP, "the tip")),
+        {"creatorId": "C", "tip": {"id": "T", "fromUserId": "U", "amount": 5}},
+        prepare_tip_received,
+        "notify_tip_received",
+    ),
 )
 
 BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
@@ -516,7 +637,8 @@ class Events:
         """Any event (``earnings_updated``, ``post_updated``, ...) to a channel key or a user.
 
         ``target`` is a channel key when it is one (``notifications_U``, ``feed_U``, ``creator_C``,
-        ``post_P``), else a user id. ``publish_to`` says which explicitly, and takes both at once.
+        ``post_P``, ``conversation_C``), else a user id. ``publish_to`` says which explicitly, and takes
+        both at once.
         """
         try:
             parse_key(target)

@@ -9,6 +9,7 @@ timestamp); the rule is the same. ``None`` is an absent field, except where a ki
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from fonana_ws.protocol.channels import MAX_ID_LENGTH
 from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
 
 __all__ = [
+    "AMOUNT",
     "BOOLEAN",
     "CHANGES",
     "ID",
@@ -32,6 +34,7 @@ __all__ = [
     "KINDS",
     "LIST",
     "NOTIFICATION_TYPE",
+    "PRICE",
     "STRING",
     "STRING_OR_NULL",
     "TIMESTAMP",
@@ -150,6 +153,23 @@ def _boolean(name: str, value: Any) -> bool:
     return value
 
 
+def _is_number(value: Any) -> bool:
+    # bool is an int in Python, never a number in JSON; NaN and infinities are not JSON at all.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _amount(name: str, value: Any) -> int | float:
+    if not _is_number(value) or value <= 0:
+        raise PublishError(f"{name} must be a number above 0")
+    return value
+
+
+def _price(name: str, value: Any) -> int | float | None:
+    if value is not None and (not _is_number(value) or value < 0):
+        raise PublishError(f"{name} must be a number of 0 or more, or null")
+    return value
+
+
 #: RFC 3339, what the OpenAPI ``date-time`` format means and ``Date.toISOString()`` prints.
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 
@@ -216,6 +236,8 @@ STRING_OR_NULL = Kind(
 )
 BOOLEAN = Kind("boolean", {"type": "boolean"}, _boolean, bool)
 TIMESTAMP = Kind("timestamp", _TIMESTAMP_SCHEMA, _timestamp, str | datetime)
+AMOUNT = Kind("amount", {"type": "number", "exclusiveMinimum": 0}, _amount, float)
+PRICE = Kind("price", {"type": ["number", "null"], "minimum": 0}, _price, float | None, nullable=True)
 NOTIFICATION_TYPE = Kind(
     "notification_type", {"type": "string", "enum": list(NOTIFICATION_TYPES)}, _notification_type, str
 )
@@ -258,4 +280,17 @@ def record(name: str, doc: str, members: tuple[Field, ...], *, or_id: bool = Fal
 
 
 #: The scalar and list kinds; object kinds are made with :func:`record` where an event needs one.
-KINDS = (ID, STRING, STRING_OR_NULL, BOOLEAN, TIMESTAMP, NOTIFICATION_TYPE, JSON, LIST, IDS, CHANGES)
+KINDS = (
+    ID,
+    STRING,
+    STRING_OR_NULL,
+    BOOLEAN,
+    AMOUNT,
+    PRICE,
+    TIMESTAMP,
+    NOTIFICATION_TYPE,
+    JSON,
+    LIST,
+    IDS,
+    CHANGES,
+)

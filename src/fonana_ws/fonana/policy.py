@@ -1,4 +1,4 @@
-"""Who may join which channel (protocol §2): the access policy, asked once per subscribe."""
+"""Who may join which channel (protocol §2, §7.1): the access policy, asked once per subscribe."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from fonana_ws.protocol.channels import parse_key
 async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
     """The access policy: may ``user_id`` join the channel ``key``?
 
-    A post's answer, yes or no, is remembered in ``store.access`` for a few seconds (``AccessCache``): a
-    client repeating a subscribe costs the database one check per TTL. Failures are not remembered.
+    A post's or a conversation's answer, yes or no, is remembered in ``store.access`` for a few seconds
+    (``AccessCache``): a client repeating a subscribe costs the database one check per TTL. Failures are
+    not remembered.
     """
     kind, ident = parse_key(key)
     if kind in ("notifications", "feed"):
@@ -20,9 +21,18 @@ async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
     cached = store.access.get(user_id, key)
     if cached is not None:
         return cached
-    allowed = await _may_see_post(store, user_id, ident)
+    if kind == "conversation":
+        allowed = await _is_participant(store, user_id, ident)
+    else:
+        allowed = await _may_see_post(store, user_id, ident)
     store.access.put(user_id, key, allowed)
     return allowed
+
+
+async def _is_participant(store: Store, user_id: str, conversation_id: str) -> bool:
+    """One of the row's two users; no such conversation is refused, exactly like a locked post."""
+    participants = await store.conversation_participants(conversation_id)
+    return participants is not None and user_id in participants
 
 
 async def _may_see_post(store: Store, user_id: str, post_id: str) -> bool:

@@ -6,8 +6,16 @@ import re
 from typing import Any
 
 #: Channel type -> the CHANNEL field that carries its id.
-ID_FIELDS = {"notifications": "userId", "feed": "userId", "creator": "id", "post": "postId"}
-KEY_RE = re.compile(r"^(notifications|feed|creator|post)_(.+)$", re.S)
+ID_FIELDS = {
+    "notifications": "userId",
+    "feed": "userId",
+    "creator": "id",
+    "post": "postId",
+    "conversation": "id",
+}
+#: The key of each type as the error texts spell it: notifications_U, ..., conversation_C.
+KEY_FORMS = ("notifications_U", "feed_U", "creator_C", "post_P", "conversation_C")
+KEY_RE = re.compile(rf"^({'|'.join(ID_FIELDS)})_(.+)$", re.S)
 MAX_ID_LENGTH = 200
 
 
@@ -35,7 +43,7 @@ def parse_key(key: str) -> tuple[str, str]:
     """``post_p1`` -> ``("post", "p1")``; raise ``ChannelError`` for a key no channel has."""
     match = KEY_RE.match(key) if isinstance(key, str) else None
     if match is None or len(match.group(2)) > MAX_ID_LENGTH:
-        raise ChannelError("channel key must be notifications_U, feed_U, creator_C or post_P")
+        raise ChannelError(f"channel key must be {', '.join(KEY_FORMS[:-1])} or {KEY_FORMS[-1]}")
     return match.group(1), match.group(2)
 
 

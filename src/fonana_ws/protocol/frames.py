@@ -1,4 +1,4 @@
-"""Frame shapes in and out (protocol §1–§2). Knows nothing of sockets or the database."""
+"""Frame shapes in and out (protocol §1–§2, §7.2). Knows nothing of sockets or the database."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from fonana_ws.protocol.channels import MAX_ID_LENGTH
 
 INVALID_FORMAT = "Invalid message format"
 ACCESS_DENIED = "Access denied to channel"
@@ -38,6 +40,9 @@ class FrameError(ValueError):
 class ClientFrame:
     type: str
     channel: Any = None
+    #: A typing frame's conversation (an integer id becomes its decimal string) and its ``isTyping``.
+    conversation_id: str = ""
+    is_typing: bool = False
 
 
 def nested_deeper_than(value: Any, limit: int) -> bool:
@@ -80,7 +85,23 @@ def parse_frame(text: str | bytes) -> ClientFrame:
         if "channel" not in data:
             raise FrameError("no channel")
         return ClientFrame(kind, data["channel"])
+    if kind == "typing":
+        return _typing_frame(data)
     raise FrameError("unknown type")
+
+
+def _typing_frame(data: dict[str, Any]) -> ClientFrame:
+    """``{"type":"typing","conversationId":C,"isTyping":true|false}`` (protocol §7.2)."""
+    conversation = data.get("conversationId")
+    if isinstance(conversation, bool) or not isinstance(conversation, str | int):
+        raise FrameError("conversationId must be a string or an integer")
+    conversation = str(conversation)
+    if not conversation or len(conversation) > MAX_ID_LENGTH:
+        raise FrameError(f"conversationId must be 1 to {MAX_ID_LENGTH} characters")
+    is_typing = data.get("isTyping")
+    if not isinstance(is_typing, bool):
+        raise FrameError("isTyping must be true or false")
+    return ClientFrame("typing", conversation_id=conversation, is_typing=is_typing)
 
 
 def dumps(obj: Any) -> str:
@@ -113,6 +134,16 @@ def error(message: str, channel: Any = None, **extra: Any) -> str:
     except TypeError:  # orjson.JSONEncodeError: a value JSON has no form for
         data.pop("channel", None)
         return dumps({"type": "error", "data": data})
+
+
+def conversation_channel(conversation_id: str) -> dict[str, str]:
+    """The CHANNEL a typing refusal names (protocol §7.2): the conversation's, as §7.1 spells it."""
+    return {"type": "conversation", "id": conversation_id}
+
+
+def typing_event(conversation_id: str, user_id: str, is_typing: bool) -> dict[str, Any]:
+    """What the other participant's connections receive (protocol §7.2)."""
+    return {"type": "typing", "conversationId": conversation_id, "userId": user_id, "isTyping": is_typing}
 
 
 def unread_notifications(notifications: list[dict[str, Any]]) -> str:

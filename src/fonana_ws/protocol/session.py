@@ -1,15 +1,16 @@
-"""One socket's protocol rules (protocol §1–§2) as a state machine that does no I/O.
+"""One socket's protocol rules (protocol §1–§2, §7.2) as a state machine that does no I/O.
 
 In the manner of websockets' sans-I/O ``Protocol``: the driver (``web.endpoint``) feeds each client frame
 to ``Session.receive`` and carries out the actions it returns, in order: a reply to send, an access check
-to make, the hub to join or leave, the unread notifications to load. What that I/O decided comes back in
-through ``access_decided`` / ``access_failed``, ``joined`` and ``unread_loaded``, which return the next
+to make, the hub to join or leave, the unread notifications to load, a conversation to look up, a typing
+state to relay. What that I/O decided comes back in through ``access_decided`` / ``access_failed``,
+``joined``, ``unread_loaded`` and ``conversation_found`` / ``conversation_failed``, which return the next
 actions. Every rule is thus a plain function call in ``tests/unit/test_session.py``, and the endpoint only
 awaits and moves bytes.
 
-Frames are handled one at a time, in the order they came (protocol §1): a subscribe must be decided
-(refused, failed or joined) before the next frame is fed. Inbound rate limits are the endpoint's: they
-come before parsing and are shared with the conformance echo, which has no session.
+Frames are handled one at a time, in the order they came (protocol §1): a subscribe, or the first typing
+frame of a conversation, must be decided before the next frame is fed. Inbound rate limits are the
+endpoint's: they come before parsing and are shared with the conformance echo, which has no session.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fonana_ws.protocol.frames import (
     PONG,
     SUBSCRIBE_FAILED,
     FrameError,
+    conversation_channel,
     error,
     parse_frame,
     subscribed,
@@ -68,7 +70,33 @@ class SendUnread:
     """Load the user's unread notifications; answer ``unread_loaded`` (nothing, when loading failed)."""
 
 
-Action = Reply | CheckAccess | Join | Leave | SendUnread
+@dataclass(frozen=True, slots=True)
+class CheckConversation:
+    """Look up conversation ``conversation_id``'s two participants; answer ``conversation_found`` (or
+    ``conversation_failed``, when the lookup could not be made)."""
+
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTyping:
+    """This user typed (or stopped) in ``conversation_id``: tell ``to_user``, the other participant.
+
+    The throttle and the server's own ``isTyping: false`` are per (user, conversation) and process-wide,
+    shared by the user's connections: ``fonana.typing``'s, not one socket's.
+    """
+
+    conversation_id: str
+    to_user: str
+    is_typing: bool
+
+
+Action = Reply | CheckAccess | Join | Leave | SendUnread | CheckConversation | RelayTyping
+
+#: Conversations one socket remembers the access check of (protocol §7.2: once per connection and
+#: conversation). A client types in a handful; the bound keeps a client that sends typing frames for
+#: ever new ids from growing its socket's memory (at WS_CLIENT_RATE's 5 frames a second, without end).
+MAX_CONVERSATIONS = 100
 
 # Replies that never change, built once rather than per frame.
 _PONG = Reply(PONG)
@@ -84,10 +112,17 @@ class Pending(NamedTuple):
     allowed: bool = False
 
 
+class PendingTyping(NamedTuple):
+    """The typing frame waiting for its conversation's lookup."""
+
+    conversation_id: str
+    is_typing: bool
+
+
 class Session:
     """The protocol state of one authenticated socket."""
 
-    __slots__ = ("user_id", "max_subscriptions", "keys", "sent_unread", "pending")
+    __slots__ = ("user_id", "max_subscriptions", "keys", "sent_unread", "pending", "conversations")
 
     def __init__(self, user_id: str, max_subscriptions: int, keys: set[str] | None = None) -> None:
         self.user_id = user_id
@@ -98,18 +133,24 @@ class Session:
         self.keys: set[str] = set() if keys is None else keys
         #: The unread notifications were sent: once per socket, after its first join of notifications_U.
         self.sent_unread = False
-        self.pending: Pending | None = None
+        self.pending: Pending | PendingTyping | None = None
+        #: Conversation -> its other participant (None: this user is not one), made at the first typing
+        #: frame. A socket that never types has only the slot, which costs nothing: a Session is 80 bytes
+        #: with or without it (CPython allocates objects in 16-byte steps; 5 slots make 72).
+        self.conversations: dict[str, str | None] | None = None
 
     def receive(self, data: str | bytes) -> list[Action]:
         """One client frame (text, or binary holding the same JSON) -> what to do about it."""
         if self.pending is not None:
-            raise RuntimeError(f"frame fed while the subscribe to {self.pending.key} is being decided")
+            raise RuntimeError(f"frame fed while {self.pending} is being decided")
         try:
             frame = parse_frame(data)
         except FrameError:
             return [_INVALID]
         if frame.type == "ping":
             return [_PONG]
+        if frame.type == "typing":
+            return self._typing(frame.conversation_id, frame.is_typing)
         channel = frame.channel
         try:
             key = channel_key(channel)
@@ -163,9 +204,57 @@ class Session:
         """The user's unread notifications, newest first: sent only when there are some."""
         return [Reply(unread_notifications(notifications))] if notifications else []
 
+    def conversation_found(self, conversation_id: str, participants: tuple[str, str] | None) -> list[Action]:
+        """The pending typing frame's conversation: its ``(fromUserId, toUserId)``, or None (no such row).
+
+        Decided once for this socket's life, yes or no (protocol §7.2): a refused user is told again at
+        each frame without another lookup.
+        """
+        pending = self._expect_typing(conversation_id)
+        self.pending = None
+        other: str | None = None
+        if participants is not None and self.user_id in participants:
+            first, second = participants
+            other = second if first == self.user_id else first
+        known = self.conversations
+        if known is None:
+            known = self.conversations = {}
+        elif len(known) >= MAX_CONVERSATIONS:
+            del known[next(iter(known))]  # the oldest: asked again if it comes back
+        known[conversation_id] = other
+        return self._typing(conversation_id, pending.is_typing)
+
+    def conversation_failed(self, conversation_id: str) -> list[Action]:
+        """The lookup could not be made (database down): the frame is dropped and nothing remembered.
+
+        Typing is best effort; the client repeats it within seconds, and that frame asks again.
+        """
+        self._expect_typing(conversation_id)
+        self.pending = None
+        return []
+
+    def _typing(self, conversation_id: str, is_typing: bool) -> list[Action]:
+        known = self.conversations
+        if known is None or conversation_id not in known:
+            self.pending = PendingTyping(conversation_id, is_typing)
+            return [CheckConversation(conversation_id)]
+        other = known[conversation_id]
+        if other is None:
+            # Nobody receives anything: not the other participant, not the sender's other tabs.
+            return [Reply(error(ACCESS_DENIED, conversation_channel(conversation_id)))]
+        if other == self.user_id:
+            return []  # a conversation with oneself: the sender's own connections never get typing
+        return [RelayTyping(conversation_id, other, is_typing)]
+
+    def _expect_typing(self, conversation_id: str) -> PendingTyping:
+        pending = self.pending
+        if not isinstance(pending, PendingTyping) or pending.conversation_id != conversation_id:
+            raise RuntimeError(f"no lookup of conversation {conversation_id} is pending (pending: {pending})")
+        return pending
+
     def _expect(self, key: str, *, allowed: bool) -> Pending:
         pending = self.pending
-        if pending is None or pending.key != key or pending.allowed is not allowed:
+        if not isinstance(pending, Pending) or pending.key != key or pending.allowed is not allowed:
             step = "join" if allowed else "access check"
             raise RuntimeError(f"no {step} of {key} is pending (pending: {pending})")
         return pending

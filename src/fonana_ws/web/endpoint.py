@@ -1,7 +1,8 @@
 """The WebSocket endpoint: one socket's life, gluing auth, the protocol session and the hub together.
 
 What a client frame means is ``protocol.session.Session``'s to decide; this driver feeds it the frames and
-carries out what it asks for: the access check, the hub's join and leave, the replies.
+carries out what it asks for: the access check, the hub's join and leave, the replies, the conversation
+lookup and the typing relay (``fonana.typing``, one per process).
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ from starlette.websockets import WebSocket
 from fonana_ws.auth import AuthError, fingerprint, token_from_scope, verify_with
 from fonana_ws.fanout.connection import Connection
 from fonana_ws.fonana.policy import may_subscribe
+from fonana_ws.fonana.typing import Typing
 from fonana_ws.logs import lifecycle
 from fonana_ws.net import client_address
 from fonana_ws.protocol import frames as protocol
 from fonana_ws.protocol.channels import channel_type
-from fonana_ws.protocol.session import Action, CheckAccess, Join, Leave, Reply, SendUnread, Session
+from fonana_ws.protocol.session import (
+    Action,
+    CheckAccess,
+    CheckConversation,
+    Join,
+    Leave,
+    RelayTyping,
+    Reply,
+    SendUnread,
+    Session,
+)
 from fonana_ws.transport.wire import EXTENSION, Wire
 from fonana_ws.web.admission import origin_allowed
 from fonana_ws.web.services import Services
@@ -29,8 +41,20 @@ from fonana_ws.web.services import Services
 log = logging.getLogger("fonana_ws.connection")
 
 
+def typing_of(services: Services) -> Typing:
+    """The process's typing states (protocol §7.2), made at the first typing frame it relays.
+
+    Made here rather than in ``build_services``: it needs the running loop, and a process nobody types
+    in never has one.
+    """
+    typing = services.typing
+    if typing is None:
+        typing = services.typing = Typing(services.hub, services.stats)
+    return typing
+
+
 class FonanaEndpoint(WebSocketEndpoint):
-    """Authenticate first, read nothing before; then subscribe/unsubscribe/ping frames in order."""
+    """Authenticate first, read nothing before; then subscribe/unsubscribe/ping/typing frames in order."""
 
     encoding = None
     conn: Connection | None = None
@@ -236,6 +260,10 @@ class FonanaEndpoint(WebSocketEndpoint):
                     self.services.hub.leave(conn, key)
                 case SendUnread():
                     todo.extend(await self._load_unread(conn, session))
+                case RelayTyping(conversation_id, to_user, is_typing):
+                    typing_of(self.services).frame(conn, conversation_id, to_user, is_typing)
+                case CheckConversation(conversation_id):
+                    todo.extend(await self._check_conversation(conn, session, conversation_id))
                 case other:
                     raise TypeError(f"no driver for session action {other!r}")
 
@@ -248,6 +276,27 @@ class FonanaEndpoint(WebSocketEndpoint):
         if not allowed:
             lifecycle(logging.INFO, "denied", conn=conn.id, user=conn.user_id, client=conn.client, key=key)
         return session.access_decided(key, allowed)
+
+    async def _check_conversation(
+        self, conn: Connection, session: Session, conversation_id: str
+    ) -> list[Action]:
+        try:
+            participants = await self.services.store.conversation_participants(conversation_id)
+        except Exception as exc:
+            log.error("conversation lookup failed conn=%s conversation=%s: %s", conn.id, conversation_id, exc)
+            return session.conversation_failed(conversation_id)
+        if participants is None or conn.user_id not in participants:
+            key = f"conversation_{conversation_id}"
+            lifecycle(
+                logging.INFO,
+                "denied",
+                conn=conn.id,
+                user=conn.user_id,
+                client=conn.client,
+                key=key,
+                frame="typing",
+            )
+        return session.conversation_found(conversation_id, participants)
 
     async def _join(self, conn: Connection, session: Session, key: str) -> list[Action]:
         try:
@@ -270,6 +319,9 @@ class FonanaEndpoint(WebSocketEndpoint):
         conn = self.conn
         if conn is None:
             return
+        typing = self.services.typing
+        if typing is not None:
+            typing.closed(conn)  # one dict lookup for a connection that never typed
         await self.services.hub.remove_connection(conn)
         await self._release(conn)
         lifecycle(

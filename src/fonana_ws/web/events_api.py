@@ -101,8 +101,8 @@ _PUBLISH_BODY: dict[str, Any] = {
     "properties": {
         "channel": {
             **_CHANNEL_KEY,
-            "description": f"notifications_U, feed_U, creator_C or post_P (an id of 1 to {MAX_ID_LENGTH} "
-            "characters)",
+            "description": "notifications_U, feed_U, creator_C, post_P or conversation_C "
+            f"(an id of 1 to {MAX_ID_LENGTH} characters)",
         },
         "user": {
             "type": "string",

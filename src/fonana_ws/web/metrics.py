@@ -31,7 +31,7 @@ from starlette.routing import BaseRoute, Route
 from fonana_ws.auth import api_key_matches
 from fonana_ws.net import is_local_request
 from fonana_ws.protocol.channels import ID_FIELDS, channel_type
-from fonana_ws.stats import publish_latency
+from fonana_ws.stats import Stats, publish_latency
 from fonana_ws.transport.listener import side_listener
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ LIMIT_CAUSES = (
     "body_too_large",
     "slow_consumer_pongs",
 )
+#: Why a typing event was relayed (``Stats.typing_relayed``), reported from zero so that rate() works.
+TYPING_REASONS = ("frame", "expired", "disconnect", "new_message")
 
 
 def snapshot(services: Services) -> dict[str, Any]:
@@ -104,12 +106,26 @@ def snapshot(services: Services) -> dict[str, Any]:
             "bad_envelopes": stats.bad_envelopes,
             "slow_consumer_disconnects": stats.slow_consumer_disconnects,
             "limit_refusals": limit_refusals,
+            "messages_relayed": stats.messages_relayed,
         },
+        "typing": typing_numbers(stats),
         "publish_seconds": {
             "count": hist.count,
             "sum": hist.sum,
             "buckets": dict(hist.cumulative()),
         },
+    }
+
+
+def typing_numbers(stats: Stats) -> dict[str, Any]:
+    """Typing (protocol §7.2): relayed by reason, swallowed by the throttle, lost, states held now."""
+    relayed = dict.fromkeys(TYPING_REASONS, 0)
+    relayed.update(stats.typing_relayed)
+    return {
+        "relayed": relayed,
+        "swallowed": stats.typing_swallowed,
+        "relay_failures": stats.typing_relay_failures,
+        "active": stats.typing_active,
     }
 
 
@@ -196,6 +212,11 @@ class FonanaCollector(Collector):
             ),
             totals["limit_refusals"],
         )
+        yield CounterMetricFamily(
+            p + "messages",
+            "Direct messages (new_message events, protocol §7.1) this process published.",
+            totals["messages_relayed"],
+        )
         up = GaugeMetricFamily(p + "broker_up", "1 when the broker is reachable, else 0.", labels=["broker"])
         up.add_metric([snap["broker"]["kind"]], 1 if snap["broker"]["up"] else 0)
         yield up
@@ -210,6 +231,32 @@ class FonanaCollector(Collector):
             "Time to publish one event to the broker (all its targets).",
             buckets=list(hist["buckets"].items()),
             sum_value=hist["sum"],
+        )
+        typing = snap["typing"]
+        yield _labelled(
+            CounterMetricFamily(
+                p + "typing_relayed",
+                "Typing events relayed to the other participant (protocol §7.2), by reason: frame (a "
+                "client's, past the 2 s throttle) or the server's own false (expired, disconnect, "
+                "new_message).",
+                labels=["reason"],
+            ),
+            typing["relayed"],
+        )
+        yield CounterMetricFamily(
+            p + "typing_swallowed",
+            "Client typing frames not relayed: repeats within 2 s, falses with no true shown.",
+            typing["swallowed"],
+        )
+        yield CounterMetricFamily(
+            p + "typing_relay_failures",
+            "Typing events the broker did not take (not retried).",
+            typing["relay_failures"],
+        )
+        yield GaugeMetricFamily(
+            p + "typing_active",
+            "(user, conversation) typing states held; each ends at most 6 s after its last frame.",
+            typing["active"],
         )
 
 

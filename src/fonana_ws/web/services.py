@@ -27,3 +27,6 @@ class Services:
     user_connections: Any
     #: (server, task) of the METRICS_PORT listener, when one is configured.
     metrics_server: Any = None
+    #: The process's typing states (``fonana.typing.Typing``), made at the first typing frame relayed:
+    #: it needs the running loop, and a process nobody types in never has one.
+    typing: Any = None
