@@ -174,6 +174,18 @@ async def test_a_paid_message_goes_out_without_content_whoever_calls(server: Ser
     emission = await Events.from_services(server.services).notify_new_message(conversation, paid)
     assert emission.event["message"] == expected and emission.users == [bob]
     assert (await bob_tab.recv())["message"] == expected
+
+    # and so does every other route: /api/publish with an event the caller shaped itself, and the
+    # Python publisher the CLI's `send raw --broker` uses
+    raw = {"type": "new_message", "conversationId": conversation, "message": paid}
+    response = await server.publish({"user": bob, "event": raw})
+    assert response.status_code == 202, response.text
+    got = await bob_tab.recv()
+    assert got["message"]["content"] is None and got["message"]["mediaUrl"] is None, got
+    assert got["message"]["price"] == 2.5 and got["message"]["isPaid"] is True
+    await Events.from_services(server.services).publish(bob, raw)
+    got = await bob_tab.recv()
+    assert got["message"]["content"] is None and got["message"]["mediaUrl"] is None, got
     await silent(bob_tab)
 
 

@@ -194,6 +194,10 @@ async def test_a_non_participant_is_refused_and_nobody_receives_anything(server:
     await asyncio.gather(*(c.nothing(0.5) for c in (intruder, intruder_other_tab, *participants)))
     await intruder.send({"type": "ping"})  # and the connection carries on
     assert await intruder.recv() == {"type": "pong"}
+    # The relay works here: a participant's typing is bob's very next frame, so nothing of carol's was
+    # queued before it (the silence above could not have been a relay that is broken altogether).
+    await participants[0].send(typing(conversation))
+    assert await participants[1].recv() == shown(conversation, alice, True)
 
 
 async def test_a_malformed_typing_frame_is_an_invalid_format_error(server: Server) -> None:
@@ -207,6 +211,8 @@ async def test_a_malformed_typing_frame_is_an_invalid_format_error(server: Serve
         await typer.send(bad)
         assert await typer.recv() == {"type": "error", "data": {"message": "Invalid message format"}}
     await receiver.nothing(0.3)
+    await typer.send(typing(conversation))  # the next relay is the receiver's next frame: none came before
+    assert await receiver.recv() == shown(conversation, alice, True)
 
 
 # -- two processes on Redis ---------------------------------------------------------------------------------
@@ -262,7 +268,19 @@ async def test_typing_across_two_processes_on_redis(tmp_path: Path) -> None:
         bob_in_chat = await joined(await connect(p1, bob), chat)
         bob_typing = await connect(p1, bob)
         xavier_typing = await connect(p1, xavier)
-        await asyncio.sleep(0.3)  # the user topics are subscribed on both processes
+        for client in (
+            alice_typing,
+            bob_plain,
+            yvonne_elsewhere,
+            alice_tab,
+            bob_in_chat,
+            bob_typing,
+            xavier_typing,
+        ):
+            # Frames are read only once the connection's user topic is subscribed (the hub joins it
+            # before the endpoint reads): a pong proves the subscription, where a sleep only hopes.
+            await client.send({"type": "ping"})
+            assert await client.recv() == {"type": "pong"}
 
         started = time.monotonic()
         await alice_typing.send(typing(chat))

@@ -58,6 +58,7 @@ class Publisher:
         ``max_event_size`` bytes and ``BrokerUnavailable`` when the broker is down.
         """
         validate_event(event)
+        event = paid_message_concealed(event)
         if event_id is not None and (not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_EVENT_ID):
             raise PublishError(f"id must be a string of 1 to {MAX_EVENT_ID} characters")
         targets: list[tuple[str, dict[str, str]]] = []
@@ -98,3 +99,17 @@ class Publisher:
             raise
         self.stats.events_published += 1
         return event_id
+
+
+def paid_message_concealed(event: dict[str, Any]) -> dict[str, Any]:
+    """A paid ``new_message`` without its ``content`` and ``mediaUrl`` (protocol §7.1), whichever route
+    published it (typed route, ``/api/publish``, Python, CLI): it is unlocked through the web app, never
+    the socket. Every other event is returned as it is, for the price of one dict lookup."""
+    if event.get("type") != "new_message":
+        return event
+    message = event.get("message")
+    if not isinstance(message, dict) or message.get("isPaid") is not True:
+        return event
+    if message.get("content") is None and message.get("mediaUrl") is None:
+        return event
+    return {**event, "message": {**message, "content": None, "mediaUrl": None}}
