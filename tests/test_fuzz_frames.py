@@ -97,7 +97,8 @@ frame_dicts = st.fixed_dictionaries(
 # Unit level: parse_frame and channel_key
 
 
-@fuzz_settings(400)
+@pytest.mark.unit
+@fuzz_settings(100)  # unit tier: seconds in all; the socket-level fuzz below goes deeper
 @given(st.one_of(st.binary(max_size=200), st.text(max_size=200), json_values.map(orjson.dumps)))
 def test_parse_frame_raises_only_frame_error(raw: Any) -> None:
     for value in (raw, raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw):
@@ -109,7 +110,8 @@ def test_parse_frame_raises_only_frame_error(raw: Any) -> None:
         assert frame.type in ("ping", "subscribe", "unsubscribe", "typing")
 
 
-@fuzz_settings(400)
+@pytest.mark.unit
+@fuzz_settings(100)  # unit tier: seconds in all; the socket-level fuzz below goes deeper
 @given(frame_dicts, st.booleans())
 def test_parse_frame_types_valid_frames(data: dict[str, Any], as_bytes: bool) -> None:
     raw = orjson.dumps(data)
@@ -126,7 +128,8 @@ def test_parse_frame_types_valid_frames(data: dict[str, Any], as_bytes: bool) ->
             protocol.parse_frame(text)
 
 
-@fuzz_settings(400)
+@pytest.mark.unit
+@fuzz_settings(100)  # unit tier: seconds in all; the socket-level fuzz below goes deeper
 @given(
     st.fixed_dictionaries(
         {"type": st.just("typing")},
@@ -153,7 +156,8 @@ def test_parse_frame_types_typing_frames(data: dict[str, Any]) -> None:
             protocol.parse_frame(orjson.dumps(data))
 
 
-@fuzz_settings(400)
+@pytest.mark.unit
+@fuzz_settings(100)  # unit tier: seconds in all; the socket-level fuzz below goes deeper
 @given(channel_like)
 def test_channel_key_raises_only_channel_error(channel: Any) -> None:
     try:
