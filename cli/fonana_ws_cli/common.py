@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,6 +17,8 @@ from fonana_ws.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:  # the database layer costs ~140 ms to import; `fonana-ws token` does not need it
     from fonana_ws.db import Store
+
+T = TypeVar("T")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -101,59 +104,32 @@ class open_store:
             pass
 
 
-async def query(store: Store, sql: str, values: dict[str, Any] | None = None, wait: float = 5.0) -> list[Any]:
-    """Rows as dicts; a failure or a slow answer (``wait`` seconds) is a ``DatabaseProblem``."""
+async def guarded(work: Awaitable[T], wait: float = 5.0) -> T:
+    """``work`` (a read of ``fonana_ws.db.lookups``) within ``wait`` seconds; a failure or a slow answer is
+    a ``DatabaseProblem`` in an operator's words."""
     try:
-        rows = await asyncio.wait_for(store.db.fetch_all(sql, values or {}), wait)
+        return await asyncio.wait_for(work, wait)
     except TimeoutError:
         raise DatabaseProblem(f"no answer within {wait:g} s") from None
     except Exception as exc:
         raise DatabaseProblem(describe_error(exc)) from None
-    return [dict(r._mapping) for r in rows]
 
 
 async def find_user(
     store: Store, *, creator: bool = False, nickname: str | None = None
 ) -> dict[str, Any] | None:
-    """A user to test with: by nickname, or a creator (one with posts first), or anyone (non-creators
-    first). Ordered by id, so the same database gives the same answer."""
-    where, values = [], {}
-    if nickname is not None:
-        where.append("u.nickname = :nickname")
-        values["nickname"] = nickname
-    if creator:
-        where.append('u."isCreator" = TRUE')
-    cond = " AND ".join(where) or "TRUE"
-    base = f'SELECT u.id, u.nickname, u."isCreator" AS creator FROM users u WHERE {cond}'
-    if creator:
-        with_posts = ' AND EXISTS (SELECT 1 FROM posts p WHERE p."creatorId" = u.id)'
-        rows = await query(store, base + with_posts + " ORDER BY u.id LIMIT 1", values)
-        if rows:
-            return rows[0]
-    rows = await query(store, base + ' ORDER BY u."isCreator", u.id LIMIT 1', values)
-    return rows[0] if rows else None
+    from fonana_ws.db import lookups
+
+    return await guarded(lookups.find_user(store, creator=creator, nickname=nickname))
 
 
 async def find_open_post(store: Store, creator: str | None = None) -> dict[str, Any] | None:
-    """A post anyone may subscribe to (not locked, no tier), the given creator's first if any."""
-    sql = (
-        'SELECT id, "creatorId" AS creator FROM posts '
-        'WHERE "isLocked" = FALSE AND "minSubscriptionTier" IS NULL'
-    )
-    if creator is not None:
-        rows = await query(
-            store, sql + ' AND "creatorId" = :creator ORDER BY id LIMIT 1', {"creator": creator}
-        )
-        if rows:
-            return rows[0]
-    rows = await query(store, sql + " ORDER BY id LIMIT 1")
-    return rows[0] if rows else None
+    from fonana_ws.db import lookups
+
+    return await guarded(lookups.find_open_post(store, creator))
 
 
 async def user_row(store: Store, user_id: str) -> dict[str, Any] | None:
-    rows = await query(
-        store,
-        'SELECT id, nickname, wallet, "isCreator" AS creator FROM users WHERE id = :id',
-        {"id": user_id},
-    )
-    return rows[0] if rows else None
+    from fonana_ws.db import lookups
+
+    return await guarded(lookups.user_row(store, user_id))

@@ -30,7 +30,7 @@ from fonana_ws.config import (
 if TYPE_CHECKING:  # broker, database and HTTP client load when a check runs, not with every command
     from fonana_ws.db import Store
 
-from .common import DatabaseProblem, describe_error, open_store, out, query, sqlite_file
+from .common import DatabaseProblem, describe_error, guarded, open_store, out, sqlite_file
 
 #: What the server reads of the web app's tables (``db/store.py``): each must be there and readable.
 
@@ -149,6 +149,7 @@ def check_dev_files(report: Report, settings: Settings) -> None:
 
 async def check_database(report: Report, settings: Settings, wait: float) -> None:
     from fonana_ws.broker import mask_url
+    from fonana_ws.db import lookups
     from fonana_ws.db.store import SERVER_READS
 
     where = mask_url(settings.database_url)
@@ -161,9 +162,8 @@ async def check_database(report: Report, settings: Settings, wait: float) -> Non
             report.add("database", OK, f"{where} answers")
             missing: list[str] = []
             for table, columns in SERVER_READS.items():
-                cols = ", ".join(f'"{c}"' for c in columns)
                 try:
-                    await query(store, f"SELECT {cols} FROM {table} WHERE 1 = 0", wait=wait)
+                    await guarded(lookups.probe(store, table, columns), wait)
                 except DatabaseProblem as exc:
                     missing.extend(await _missing(store, table, columns, wait, exc))
     except DatabaseProblem as exc:
@@ -183,14 +183,16 @@ async def _missing(
     store: Store, table: str, columns: tuple[str, ...], wait: float, first: Exception
 ) -> list[str]:
     """Which of ``table``'s columns the server cannot read (the whole table when even one query fails)."""
+    from fonana_ws.db import lookups
+
     try:
-        await query(store, f"SELECT 1 FROM {table} WHERE 1 = 0", wait=wait)
+        await guarded(lookups.probe(store, table), wait)
     except DatabaseProblem as exc:
         return [f"table {table} ({exc})"]
     gone = []
     for column in columns:
         try:
-            await query(store, f'SELECT "{column}" FROM {table} WHERE 1 = 0', wait=wait)
+            await guarded(lookups.probe(store, table, (column,)), wait)
         except DatabaseProblem:
             gone.append(f'{table}."{column}"')
     return gone or [f"table {table} ({first})"]
