@@ -125,7 +125,7 @@ async def test_metrics_count_what_happened_one_registry_per_app(tmp_path: Path) 
         # /stats says the same as JSON.
         stats = (await srv.http.get("/stats")).json()
         assert stats["connections"] == 3 and stats["connected_users"] == 2
-        current = {"notifications": 1, "creator": 2, "post": 1, "feed": 1, "conversation": 0}
+        current = {"notifications": 1, "creator": 2, "post": 1, "feed": 1, "conversation": 0, "status": 0}
         assert stats["subscriptions"] == current
         assert stats["totals"]["auth_failures"]["bad_signature"] == 2
         assert stats["totals"]["events_delivered"] == 8

@@ -309,3 +309,39 @@ async def test_typing_across_two_processes_on_redis(tmp_path: Path) -> None:
         assert expired_at - started >= EXPIRY - 0.2, f"bob's false after {expired_at - started:.2f} s"
         # xavier's disconnect on p1 ends his typing for yvonne on p0, once.
         assert only(got["yvonne"]) == [shown(other_chat, xavier, False)]
+
+
+async def test_one_user_typing_from_tabs_on_two_processes_shows_one_true_and_one_false(
+    tmp_path: Path,
+) -> None:
+    """The throttle and the one false hold per (user, conversation), whichever processes the user's tabs
+    are on: a true relayed by one process is claimed on the typer's own user topic, the other counts it
+    and leaves the false to it."""
+    async with redis_pair(tmp_path) as (procs, db):
+        p0, p1 = procs
+        alice, bob = (f"{name}-{uuid.uuid4().hex[:6]}" for name in ("a", "b"))
+        for user in (alice, bob):
+            await demo.insert_user(db, user)
+        chat = f"cv-{uuid.uuid4().hex[:8]}"
+        await demo.insert_conversation(db, chat, alice, bob)
+        tab_p0, tab_p1, bob_tab = await connect(p0, alice), await connect(p1, alice), await connect(p0, bob)
+        for client in (tab_p0, tab_p1, bob_tab):
+            await client.send({"type": "ping"})  # a pong: its user topic is subscribed
+            assert await client.recv() == {"type": "pong"}
+
+        started = time.monotonic()
+        await tab_p0.send(typing(chat))
+        assert await bob_tab.recv() == shown(chat, alice, True)
+        await asyncio.sleep(0.3)  # the claim is a broker round trip ahead of the next frame
+        for _ in range(3):  # the other tab, on the other process, within the 2 s: swallowed there
+            await tab_p1.send(typing(chat))
+            await asyncio.sleep(0.2)
+        rest = only(await collect(bob_tab, started + WINDOW))
+        assert rest == [shown(chat, alice, False)], rest
+        # and typing on p1 after the throttle is relayed by p1 (the claim did not silence it for good)
+        await tab_p1.send(typing(chat))
+        assert await bob_tab.recv() == shown(chat, alice, True)
+        await tab_p1.send(typing(chat, False))
+        assert await bob_tab.recv() == shown(chat, alice, False)
+        for client in (tab_p0, tab_p1):
+            await client.nothing(0.2)

@@ -55,7 +55,7 @@ class Backend:
         elif self.kind == "postgresql":
             uc = PostgresUserConnections(self.url, limit, ttl=ttl, **options)
         else:
-            uc = MemoryUserConnections(limit)
+            uc = MemoryUserConnections(limit, grace=options.get("grace", 0.0))
         self.instances.append(uc)
         return uc
 
@@ -156,6 +156,52 @@ async def test_release_frees_a_slot(backend: Backend) -> None:
     assert await uc.acquire(alice, "b")
     await uc.release(alice, "never-acquired")
     await uc.release(user(), "x")
+
+
+async def test_admit_and_release_say_when_a_user_comes_online_and_goes(backend: Backend) -> None:
+    """Online status (protocol §7.3) from the same count: 0 -> 1 anywhere is "came online", the last
+    release anywhere is "went", and a return within the grace is no change."""
+    a = await backend.make(grace=60.0)
+    b = await backend.make(grace=60.0) if backend.shared else a
+    alice, bob = user(), user()
+    assert await a.admit(alice, "1") == (True, True)
+    assert await b.admit(alice, "2") == (True, False), "a second tab, on another process where shared"
+    assert not await a.release(alice, "1")
+    _, found = await a.lookup([alice, bob])
+    assert found[alice] == (1, None) and found[bob] == (0, None)
+    assert await b.release(alice, "2"), "the last connection anywhere went"
+    assert not await b.release(alice, "2")
+    now, found = await a.lookup([alice])
+    count, seen = found[alice]
+    assert count == 0 and seen is not None and 0 <= now - seen < 5, found
+    assert await a.admit(alice, "3") == (True, False), "back within the grace"
+    quick = await backend.make(grace=0.0)
+    assert await quick.admit(bob, "1") == (True, True)
+    assert await quick.release(bob, "1")
+    assert await quick.admit(bob, "1") == (True, True), "back after the grace: came online again"
+
+
+async def test_a_dead_process_s_users_are_swept_by_exactly_one_survivor(shared: Backend) -> None:
+    """Two survivors sweep the entries of a dead one at the same time: each user whose last entries
+    expired is reported once in all (and gets a lastSeen); a user still live elsewhere is not reported."""
+    dead = shared.new(ttl=1.0)
+    survivors = [shared.new(ttl=30.0), shared.new(ttl=30.0)]
+    alice, bob = user(), user()
+    assert await dead.acquire(alice, "1") and await dead.acquire(alice, "2")
+    assert await dead.acquire(bob, "1")
+    assert await survivors[0].acquire(bob, "live")
+    assert isinstance(dead, SharedUserConnections)
+    dead._mine.clear()  # it dies: nothing refreshes or releases its entries any more
+    await asyncio.sleep(1.2)
+    reported: list[str] = []
+    for _ in range(5):
+        for gone in await asyncio.gather(*(s.sweep() for s in survivors)):  # type: ignore[attr-defined]
+            reported += [u for u in gone if u in (alice, bob)]
+        await asyncio.sleep(0.05)
+    assert reported == [alice], reported
+    _, found = await survivors[1].lookup([alice, bob])
+    assert found[alice][0] == 0 and found[alice][1] is not None
+    assert found[bob] == (1, None)
 
 
 async def test_concurrent_acquires_admit_exactly_the_limit(backend: Backend) -> None:

@@ -36,10 +36,14 @@ class Stats:
     typing_swallowed: int = 0
     #: Typing events lost because the broker refused them (typing is not retried).
     typing_relay_failures: int = 0
+    #: Shown typing given up because another process relayed a later ``true`` (it owes the ``false``).
+    typing_handed_over: int = 0
     #: (user, conversation) typing states this process holds; each ends at most 6 s after its last frame.
     typing_active: int = 0
     #: ``new_message`` events this process published (protocol §7.1), by any route.
     messages_relayed: int = 0
+    #: ``user_status`` change frames this process published (protocol §7.3), online and offline.
+    status_published: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

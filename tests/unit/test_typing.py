@@ -79,6 +79,8 @@ class FakeBroker:
         self.on_message: Any = None
         self.calls: list[tuple[str, str]] = []
         self.published: list[tuple[str, dict[str, Any]]] = []
+        #: Control messages between servers (the throttle's claims), apart from what sockets receive.
+        self.claims: list[tuple[str, dict[str, Any]]] = []
         self.fail: Exception | None = None
         #: When set, a publish waits for it: a broker round trip still on its way.
         self.gate: asyncio.Event | None = None
@@ -97,10 +99,12 @@ class FakeBroker:
             await self.gate.wait()
         if self.fail is not None:
             raise self.fail
-        self.published.extend((channel, orjson.loads(message)["event"]) for channel, message in items)
+        for channel, message in items:
+            body = orjson.loads(message)
+            (self.claims if body.get("control") else self.published).append((channel, body["event"]))
 
-    def deliver(self, topic: str, event: dict[str, Any]) -> None:
-        self.on_message(topic, env.encode(event, env.new_event_id()))
+    def deliver(self, topic: str, event: dict[str, Any], control: str | None = None) -> None:
+        self.on_message(topic, env.encode(event, env.new_event_id(), control=control))
 
 
 class World:
@@ -392,3 +396,59 @@ async def test_a_failing_watcher_does_not_cost_the_local_subscribers_their_event
     broker.deliver(env.key_channel("conversation_c1"), {"type": "new_message"})
     hub.outbox.flush()
     assert b"new_message" in b"".join(outlet.writes)
+
+
+# -- across processes: claims on the typer's own user topic ----------------------------------------------
+
+
+async def test_each_relayed_true_is_claimed_on_the_typers_own_topic_and_never_reaches_a_socket() -> None:
+    w = World()
+    outlet = FakeOutlet()
+    alice = Connection(FakeSocket(), "alice", w.hub.outbox, limit=1 << 20, outlet=outlet)
+    await w.hub.add_connection(alice)
+    w.typing.frame(alice, "c1", "bob", True)
+    assert await w.relayed() == [("bob", "alice", True)]
+    assert [(c, e["type"], e["by"]) for c, e in w.broker.claims] == [
+        (env.user_channel("alice"), "typing_claim", w.typing.id)
+    ]
+    # its own claim coming back changes nothing, and alice's socket gets no frame of it
+    w.broker.deliver(env.user_channel("alice"), w.broker.claims[0][1], control="typing")
+    w.clock.advance(EXPIRY + 0.1)
+    assert await w.relayed() == [("bob", "alice", False)]
+    w.broker.deliver(env.user_channel("alice"), {"type": "notification", "n": 1})  # a real one does arrive
+    await settle()
+    assert [b"claim" in w for w in outlet.writes] == [False] and b'"n":1' in outlet.writes[0], outlet.writes
+
+
+async def test_another_process_claim_counts_for_the_throttle_and_takes_the_false() -> None:
+    w = World()
+    tab = w.conn("alice")
+    await w.hub.add_connection(tab)
+    # alice typed on another process first: this one counts that true, and owes no false for it
+    claim = {"type": "typing_claim", "userId": "alice", "conversationId": "c1", "to": "bob", "by": "other"}
+    w.broker.deliver(env.user_channel("alice"), claim, control="typing")
+    w.clock.advance(0.5)
+    w.typing.frame(tab, "c1", "bob", True)  # within 2 s of the other's true: swallowed
+    assert await w.relayed() == []
+    w.clock.advance(THROTTLE)
+    w.typing.frame(tab, "c1", "bob", True)  # past the throttle: this process shows it, owes the false
+    assert await w.relayed() == [("bob", "alice", True)]
+    # now the other process shows a later true: this one gives the false up
+    w.broker.deliver(env.user_channel("alice"), claim, control="typing")
+    w.clock.advance(EXPIRY + 0.1)
+    assert await w.relayed() == []
+    assert w.stats.typing_handed_over == 1
+    assert w.clock.pending() == 0 and not w.typing.states, "a claim left a state or a timer behind"
+
+
+async def test_a_claim_alone_leaves_nothing_behind_after_the_throttle() -> None:
+    w = World()
+    tab = w.conn("alice")
+    await w.hub.add_connection(tab)
+    claim = {"type": "typing_claim", "userId": "alice", "conversationId": "c9", "to": "bob", "by": "other"}
+    w.broker.deliver(env.user_channel("alice"), claim, control="typing")
+    assert len(w.typing.states) == 1
+    w.clock.advance(THROTTLE + 0.1)
+    await settle()
+    assert not w.typing.states and w.clock.pending() == 0
+    assert await w.relayed() == []

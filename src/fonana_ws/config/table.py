@@ -339,6 +339,24 @@ class Settings:
         LIMITS,
         "authenticated connections of one user on all processes together; then close 4008",
     )
+    #: Seconds a process's connection entries outlive its last refresh (refreshed every third of it).
+    presence_ttl: float = setting(
+        "WS_PRESENCE_TTL",
+        Number(1.0, 3600.0),
+        60.0,
+        LIMITS,
+        "seconds after which the connections of a process that died without a word stop counting (and its "
+        "users go offline); each process refreshes its own every third of it",
+    )
+    #: Seconds a user may be without a connection before offline is announced (protocol §7.3).
+    offline_grace: float = setting(
+        "WS_OFFLINE_GRACE",
+        Number(0.0, 600.0),
+        5.0,
+        LIMITS,
+        "seconds without a connection before a user's offline status is sent (a reload within it sends "
+        "nothing)",
+    )
     #: Inbound frames per connection, in ``limits`` notation.
     client_rate: str = setting(
         "WS_CLIENT_RATE",

@@ -159,6 +159,8 @@ class Store:
         self._known_users: dict[str, float] = {}
         #: Access decisions of ``fonana.policy.may_subscribe`` (0 s: every subscribe asks the database).
         self.access = AccessCache(access_cache_ttl, access_cache_size)
+        #: user id -> (hides their online status, monotonic expiry): ``hidden_status``'s short cache.
+        self._hidden: dict[str, tuple[bool, float]] = {}
         #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
         self.q: Queries = self.db
 
@@ -244,6 +246,40 @@ class Store:
             return None
         r = row._mapping
         return str(r["fromUserId"]), str(r["toUserId"])
+
+    async def hidden_status(self, user_ids: list[str], *, ttl: float = 5.0) -> set[str]:
+        """Those of ``user_ids`` whose ``user_settings.showOnlineStatus`` is false (protocol §7.3).
+
+        No row means shown. Each answer is remembered ``ttl`` seconds: every status change and snapshot
+        asks, and a user who flips the setting is obeyed within 5 s. At most 10,000 answers are kept.
+        """
+        now = time.monotonic()
+        hidden: set[str] = set()
+        ask: list[str] = []
+        for user in dict.fromkeys(user_ids):
+            cached = self._hidden.get(user)
+            if cached is not None and cached[1] > now:
+                if cached[0]:
+                    hidden.add(user)
+            else:
+                ask.append(user)
+        if ask:
+            names = {f"u{i}": user for i, user in enumerate(ask)}
+            rows = await self.q.fetch_all(
+                'SELECT "userId" FROM user_settings WHERE "showOnlineStatus" = FALSE AND "userId" IN ('
+                + ", ".join(f":{name}" for name in names)
+                + ")",
+                names,
+            )
+            found = {str(r._mapping["userId"]) for r in rows}
+            hidden |= found
+            if len(self._hidden) + len(ask) > 10_000:
+                self._hidden = {u: v for u, v in self._hidden.items() if v[1] > now}
+                if len(self._hidden) + len(ask) > 10_000:
+                    self._hidden.clear()
+            for user in ask:
+                self._hidden[user] = (user in found, now + ttl)
+        return hidden
 
     async def unread_notifications(self, user_id: str, limit: int = UNREAD_LIMIT) -> list[dict[str, Any]]:
         rows = await self.q.fetch_all(

@@ -43,6 +43,9 @@ class Hub:
         self.watched: dict[str, int] = {}
         #: ``watcher(key, event)`` for each event of a watched key, after its local delivery.
         self.watcher: Callable[[str, dict[str, Any]], None] | None = None
+        #: ``on_control(kind, event)`` for a message between servers (``"control"`` envelope), which no
+        #: socket receives: the typing throttle's claims arrive on the typer's own user topic.
+        self.on_control: Callable[[str, dict[str, Any]], None] | None = None
         broker.listen(self.on_message)
 
     # -- membership -------------------------------------------------------------------------------
@@ -161,6 +164,9 @@ class Hub:
             self.stats.bad_envelopes += 1
             log.warning("dropped a broker message that is not an envelope: %s", exc)
             return 0
+        if envelope.control is not None:  # between servers: a handler's, never a socket's
+            self._control(envelope)
+            return 0
         payload = orjson.dumps(envelope.event)
         text = payload.decode()
         frame = text_frame(payload)
@@ -178,6 +184,15 @@ class Hub:
             count += 1
         self.stats.deliveries += count
         return count
+
+    def _control(self, envelope: env.Envelope) -> None:
+        handler = self.on_control
+        if handler is None:
+            return
+        try:
+            handler(envelope.control or "", envelope.event)
+        except Exception:  # the handler's failure must not end delivery for everyone
+            log.exception("control message %s failed", envelope.control)
 
     # -- shutdown -----------------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
     kind, ident = parse_key(key)
     if kind in ("notifications", "feed"):
         return ident == user_id
-    if kind == "creator":
-        return True
+    if kind in ("creator", "status"):
+        return True  # a status is for any authenticated user to watch (protocol §7.3)
     cached = store.access.get(user_id, key)
     if cached is not None:
         return cached

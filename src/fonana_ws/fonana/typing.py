@@ -15,12 +15,20 @@ first: 10,000 typers are 10,000 small objects and one pending callback, and a st
 ``EXPIRY`` seconds after its last frame. ``new_message`` is seen by watching the conversation's channel
 (``Hub.watch``) while a state exists, so the process that holds the state is the one that answers it,
 whichever process the message was published on: one ``false``, across any number of processes.
+
+Across processes (one user typing in one conversation from tabs on two processes): each relayed
+``true`` also goes, as a claim, to the typer's own user topic, which every process holding one of the
+typer's connections listens to already (no subscription is added). A process that sees another's claim
+counts it for its throttle and gives up the ``false`` it owed, so the last relayer owes the one
+``false``. Two processes relaying within one broker round trip (~1 ms) of each other can still both
+show ``true``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -95,7 +103,12 @@ class Typing:
         self._watching: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._failing = False
+        #: This process's name in its claims, so that it ignores its own.
+        self.id = uuid.uuid4().hex
+        #: Claims among ``_out`` (a failure counts the relays only).
+        self._claims_out = 0
         hub.watcher = self.on_event
+        hub.on_control = self.on_control
 
     # -- what happens -------------------------------------------------------------------------------
 
@@ -111,11 +124,7 @@ class Typing:
                 self._stop(state, now, "frame")
             return
         if state is None:
-            state = self.states[key] = State(conn.user_id, conversation_id, to_user)
-            ready = self.hub.watch(CONVERSATION_PREFIX + conversation_id)
-            if not ready.done():
-                self._watching.append(ready)
-            self.stats.typing_active = len(self.states)
+            state = self._new_state(key, to_user)
         else:
             self.states.move_to_end(key)
         self._typed_by(state, key, conn)
@@ -128,6 +137,30 @@ class Typing:
             state.shown = True
             state.last_true = now
             self._relay(state, True, "frame")
+            self._claim(state)
+        self._arm()
+
+    def on_control(self, kind: str, event: dict[str, Any]) -> None:
+        """Another process relayed ``true`` for one of this process's users (``Hub.on_control``): it
+        counts for the throttle here, and that process owes the ``false``."""
+        if kind != "typing" or event.get("by") == self.id:
+            return
+        user, conversation, to_user = event.get("userId"), event.get("conversationId"), event.get("to")
+        if not (isinstance(user, str) and isinstance(conversation, str) and isinstance(to_user, str)):
+            return
+        now = self.clock.time()
+        key = (user, conversation)
+        state = self.states.get(key)
+        if state is None:
+            state = self._new_state(key, to_user)  # throttle only: gone once the 2 s are over
+            state.due = now + THROTTLE
+        elif state.conn is None:
+            state.due = max(state.due, now + THROTTLE)
+        self.states.move_to_end(key)  # an earlier ``due`` than those behind is fine (see ``_stop``)
+        state.last_true = now
+        if state.shown:
+            state.shown = False
+            self.stats.typing_handed_over += 1
         self._arm()
 
     def closed(self, conn: Connection) -> None:
@@ -157,6 +190,14 @@ class Typing:
             self._stop(state, self.clock.time(), "new_message")
 
     # -- states ---------------------------------------------------------------------------------------
+
+    def _new_state(self, key: Key, to_user: str) -> State:
+        state = self.states[key] = State(key[0], key[1], to_user)
+        ready = self.hub.watch(CONVERSATION_PREFIX + key[1])
+        if not ready.done():
+            self._watching.append(ready)
+        self.stats.typing_active = len(self.states)
+        return state
 
     def _typed_by(self, state: State, key: Key, conn: Connection) -> None:
         previous = state.conn
@@ -237,6 +278,20 @@ class Typing:
             # Started next loop turn: what this turn relays (a burst of expiries) goes in one round trip.
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
+    def _claim(self, state: State) -> None:
+        """Tell this user's other processes that a ``true`` went out (same batch as the relay)."""
+        claim = {
+            "type": "typing_claim",
+            "userId": state.user_id,
+            "conversationId": state.conversation_id,
+            "to": state.to_user,
+            "by": self.id,
+        }
+        self._out.append(
+            (env.user_channel(state.user_id), env.encode(claim, env.new_event_id(), control="typing"))
+        )
+        self._claims_out += 1
+
     async def _flush(self) -> None:
         """Publish what is owed, a batch per broker round trip, one batch at a time: a false never
         overtakes its true."""
@@ -247,13 +302,16 @@ class Typing:
                     watching, self._watching = self._watching, []
                     await asyncio.wait(watching, timeout=WATCH_WAIT)
                 batch, self._out = self._out, []
+                claims, self._claims_out = self._claims_out, 0
                 try:
                     await broker.publish_many(batch)
                 except Exception as exc:  # broker down: typing is not worth a retry, the next frame is one
-                    self.stats.typing_relay_failures += len(batch)
+                    self.stats.typing_relay_failures += len(batch) - claims
                     if not self._failing:
                         log.warning(
-                            "typing relay failed (%d dropped, later ones only counted): %s", len(batch), exc
+                            "typing relay failed (%d dropped, later ones only counted): %s",
+                            len(batch) - claims,
+                            exc,
                         )
                     self._failing = True
                 else:

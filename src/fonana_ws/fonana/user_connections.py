@@ -11,6 +11,14 @@ the limit is a guard against runaway clients, not a security boundary. After a f
 not asked again for RETRY_INTERVAL, so a hung backend delays at most one connect per interval.
 Connections admitted during an outage are still recorded here and written to the backend by the first
 refresh once it is back, so the count is right again within about a second.
+
+Online status (protocol §7.3) is this count above 0, so there is one registry of connections, not two:
+``admit`` also says whether the user just came online (0 -> 1 anywhere, and not within ``grace`` of
+their last connection closing: a reload is no change), ``release`` whether their last connection
+anywhere just went, and the backend keeps when that was (``lastSeen``). Each refresh also sweeps the
+expired entries of dead processes, atomically (one Lua script; one PostgreSQL function under per-user
+locks), so that exactly one surviving process learns that a user of a dead process went offline
+(``on_offline``).
 """
 
 from __future__ import annotations
@@ -35,6 +43,13 @@ log = logging.getLogger("fonana_ws.limits")
 
 #: Seconds between attempts while the backend is down: acquires in between admit without asking.
 RETRY_INTERVAL = 1.0
+#: Seconds a user's ``lastSeen`` is kept after their last connection closed (30 days).
+LAST_SEEN_TTL = 30 * 24 * 3600.0
+#: Dead-process users one sweep handles; the rest wait for the next refresh (TTL/3 later).
+SWEEP_BATCH = 1000
+
+#: (backend clock in epoch seconds, user -> (live connections, lastSeen epoch seconds or None)).
+Lookup = tuple[float, dict[str, tuple[int, float | None]]]
 
 
 class UserConnections:
@@ -45,6 +60,10 @@ class UserConnections:
     """
 
     limit: int
+    #: Seconds after a user's last connection closed within which a new one is no "came online".
+    grace: float = 0.0
+    #: Told the users whose last connections were entries of dead processes, swept by this process.
+    on_offline: Any = None
 
     async def start(self) -> None:
         """Connect and start refreshing; does not fail when the backend is down (see the module doc)."""
@@ -54,10 +73,19 @@ class UserConnections:
 
     async def acquire(self, user_id: str, conn_id: str) -> bool:
         """Record the connection and return True if the user's count stays within the limit, else False."""
+        return (await self.admit(user_id, conn_id))[0]
+
+    async def admit(self, user_id: str, conn_id: str) -> tuple[bool, bool]:
+        """``acquire``, and whether the user came online with it (False while the backend is down)."""
         raise NotImplementedError
 
-    async def release(self, user_id: str, conn_id: str) -> None:
-        """Forget the connection; never raises (on failure its entry expires after TTL)."""
+    async def release(self, user_id: str, conn_id: str) -> bool:
+        """Forget the connection; True if it was the user's last one anywhere. Never raises (on failure
+        its entry expires after TTL and a sweep reports the user)."""
+        raise NotImplementedError
+
+    async def lookup(self, user_ids: list[str]) -> Lookup:
+        """The users' live connections and lastSeen, in one round trip; raises when unreachable."""
         raise NotImplementedError
 
     async def count(self, user_id: str) -> int:
@@ -68,26 +96,44 @@ class UserConnections:
 class MemoryUserConnections(UserConnections):
     """One process: the count is a set of connection ids per user."""
 
-    def __init__(self, limit: int) -> None:
+    #: lastSeen entries kept (the oldest go first): a bound on one process's memory.
+    MAX_LAST_SEEN = 100_000
+
+    def __init__(self, limit: int, *, grace: float = 0.0) -> None:
         self.limit = limit
+        self.grace = grace
         self._users: dict[str, set[str]] = {}
+        #: user -> epoch seconds their last connection closed, oldest first.
+        self._last_seen: dict[str, float] = {}
 
     async def stop(self) -> None:
         self._users.clear()
 
-    async def acquire(self, user_id: str, conn_id: str) -> bool:
+    async def admit(self, user_id: str, conn_id: str) -> tuple[bool, bool]:
         held = self._users.get(user_id, set())
         if conn_id not in held and len(held) >= self.limit:
-            return False
+            return False, False
+        first = not held
         self._users.setdefault(user_id, held).add(conn_id)
+        seen = self._last_seen.get(user_id)
+        return True, first and (seen is None or time.time() - seen >= self.grace)
+
+    async def release(self, user_id: str, conn_id: str) -> bool:
+        held = self._users.get(user_id)
+        if held is None or conn_id not in held:
+            return False
+        held.discard(conn_id)
+        if held:
+            return False
+        del self._users[user_id]
+        self._last_seen.pop(user_id, None)  # re-added last: the dict stays oldest first
+        self._last_seen[user_id] = time.time()
+        if len(self._last_seen) > self.MAX_LAST_SEEN:
+            del self._last_seen[next(iter(self._last_seen))]
         return True
 
-    async def release(self, user_id: str, conn_id: str) -> None:
-        held = self._users.get(user_id)
-        if held is not None:
-            held.discard(conn_id)
-            if not held:
-                del self._users[user_id]
+    async def lookup(self, user_ids: list[str]) -> Lookup:
+        return time.time(), {u: (len(self._users.get(u, ())), self._last_seen.get(u)) for u in user_ids}
 
     async def count(self, user_id: str) -> int:
         return len(self._users.get(user_id, ()))
@@ -97,17 +143,19 @@ class SharedUserConnections(UserConnections):
     """What the Redis and PostgreSQL backends share: the local record, the refresh loop, fail-open.
 
     A subclass implements ``_prepare`` (before first use and after each outage), ``_acquire``,
-    ``_release``, ``_refresh`` (push the expiry of the given members forward, writing back any that are
-    missing; also the health probe), ``_drop`` (release many), ``_count`` and ``_close``. Each is bounded
+    ``_release`` (True when it was the user's last), ``_refresh`` (push the expiry of the given members
+    forward, writing back any that are missing, and sweep: returns the users whose last entries expired;
+    also the health probe), ``_drop`` (release many), ``_count``, ``_lookup`` and ``_close``. Each is bounded
     by ``op_timeout``, except ``_refresh`` (``max(op_timeout, ttl / 3)``: it is on no connect's path).
     """
 
     backend_name = ""
 
-    def __init__(self, limit: int, *, ttl: float, op_timeout: float) -> None:
+    def __init__(self, limit: int, *, ttl: float, op_timeout: float, grace: float = 0.0) -> None:
         if ttl <= 0 or op_timeout <= 0:
             raise ValueError("ttl and op_timeout must be positive")
         self.limit = limit
+        self.grace = grace
         self.ttl = ttl
         self.op_timeout = op_timeout
         self.process_id = uuid.uuid4().hex
@@ -155,21 +203,21 @@ class SharedUserConnections(UserConnections):
             async with asyncio.timeout(self.op_timeout):
                 await self._close()
 
-    async def acquire(self, user_id: str, conn_id: str) -> bool:
-        admitted = True  # fail-open: see the module doc
+    async def admit(self, user_id: str, conn_id: str) -> tuple[bool, bool]:
+        result = None  # fail-open: see the module doc
         # Cancelled while asking (shutdown), the entry may be written and not ours to refresh: it
         # expires after TTL.
         if self._reachable():
             result = await self._call(self._acquire, user_id, self._member(conn_id))
-            admitted = result is not False
-        if admitted:
-            self._mine.setdefault(user_id, set()).add(conn_id)
-        return admitted
+        if result == 0:
+            return False, False
+        self._mine.setdefault(user_id, set()).add(conn_id)
+        return True, result == 2
 
-    async def release(self, user_id: str, conn_id: str) -> None:
+    async def release(self, user_id: str, conn_id: str) -> bool:
         conns = self._mine.get(user_id)
         if conns is None or conn_id not in conns:
-            return
+            return False
         conns.discard(conn_id)
         if not conns:
             del self._mine[user_id]
@@ -177,12 +225,18 @@ class SharedUserConnections(UserConnections):
         if self._late is not None:
             self._late.append((user_id, member))
         if self._reachable():
-            await self._call(self._release, user_id, member)
+            return bool(await self._call(self._release, user_id, member))
+        return False
 
     async def count(self, user_id: str) -> int:
         async with within(self.op_timeout, f"{self.backend_name} count"):
             await self._ensure_prepared()
             return await self._count(user_id)
+
+    async def lookup(self, user_ids: list[str]) -> Lookup:
+        async with within(self.op_timeout, f"{self.backend_name} lookup"):
+            await self._ensure_prepared()
+            return await self._lookup(list(dict.fromkeys(user_ids)))
 
     def _reachable(self) -> bool:
         """False for RETRY_INTERVAL after a failure: while down, connects are not slowed by retries."""
@@ -236,22 +290,36 @@ class SharedUserConnections(UserConnections):
             try:
                 # Not on a connect's path: thousands of members may take longer than one acquire, and
                 # entries last TTL, so TTL/3 late is still in time.
-                await self._call(self._refresh, members, seconds=max(self.op_timeout, self.ttl / 3))
+                gone = await self._call(self._refresh, members, seconds=max(self.op_timeout, self.ttl / 3))
             finally:
                 late, self._late = self._late, None
             if late and self._reachable():
                 await self._call(self._drop, late)
+            if gone and self.on_offline is not None:
+                try:
+                    self.on_offline(list(gone))
+                except Exception:  # the refresh must go on whatever the listener does
+                    log.exception("on_offline failed")
+
+    async def sweep(self) -> list[str]:
+        """Refresh and sweep now (tests and the bench); returns the users found gone, as ``on_offline``."""
+        members = [(user, self._member(c)) for user, conns in self._mine.items() for c in conns]
+        return list(await self._call(self._refresh, members) or [])
 
     async def _prepare(self) -> None:
         """Make the backend ready (tables, scripts); called again after every outage."""
 
-    async def _acquire(self, user_id: str, member: str) -> bool:
+    async def _acquire(self, user_id: str, member: str) -> int:
+        """0: over the limit; 1: recorded; 2: recorded, and the user came online with it."""
         raise NotImplementedError
 
-    async def _release(self, user_id: str, member: str) -> None:
+    async def _release(self, user_id: str, member: str) -> bool:
         raise NotImplementedError
 
-    async def _refresh(self, members: list[tuple[str, str]]) -> None:
+    async def _refresh(self, members: list[tuple[str, str]]) -> list[str]:
+        raise NotImplementedError
+
+    async def _lookup(self, user_ids: list[str]) -> Lookup:
         raise NotImplementedError
 
     async def _drop(self, members: list[tuple[str, str]]) -> None:
@@ -271,41 +339,112 @@ if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
-# KEYS[1] user's key; ARGV: member, limit, ttl in ms. Returns 1 when recorded, 0 when over the limit.
+# A user's sorted set expires after 2 TTL, not TTL: its dead entries must still be there for the sweep
+# (every TTL/3) to see that they went, or their user would never be announced offline.
+# KEYS: user's set, the index, user's lastSeen; ARGV: member, limit, ttl ms, grace ms, user.
+# Returns 0 over the limit, 1 recorded, 2 recorded and the user came online (see the module doc).
 _LUA_ACQUIRE = (
     _LUA_NOW
     + """
 local ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local held = redis.call('ZCARD', KEYS[1])
+if not mine and held >= tonumber(ARGV[2]) then
     return 0
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+redis.call('ZADD', KEYS[2], 'GT', now + ttl, ARGV[5])
+if mine or held > 0 or removed > 0 then
+    return 1
+end
+local seen = redis.call('GET', KEYS[3])
+if seen and now - tonumber(seen) < tonumber(ARGV[4]) then
+    return 1
+end
+return 2
+"""
+)
+# KEYS: user's set, the index, user's lastSeen; ARGV: member, lastSeen ttl ms, user.
+# Returns 1 when this was the user's last live entry (lastSeen written), else 0.
+_LUA_RELEASE = (
+    _LUA_NOW
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) > 0 then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], now, 'PX', ARGV[2])
 return 1
 """
 )
-# KEYS[1] user's key; ARGV: ttl in ms, then the members to keep alive (added back if missing).
+# KEYS: user's set, the index; ARGV: ttl in ms, user, then the members to keep alive (added back if missing).
 _LUA_REFRESH = (
     _LUA_NOW
     + """
 local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV do
+for i = 3, #ARGV do
     redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+redis.call('ZADD', KEYS[2], 'GT', now + ttl, ARGV[2])
 return 1
 """
 )
+# The index scores each user by their latest entry's expiry, so the users whose entries all expired are
+# the index's lowest. KEYS: the index; ARGV: set prefix, lastSeen prefix, lastSeen ttl ms, batch.
+# Returns the users whose last entries this call removed: one script runs at a time, so each such user
+# is returned to exactly one process.
+_LUA_SWEEP = (
+    _LUA_NOW
+    + """
+local gone = {}
+for _, user in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
+    local key = ARGV[1] .. user
+    local removed = redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    if #last == 0 then
+        redis.call('ZREM', KEYS[1], user)
+        if removed > 0 then
+            redis.call('SET', ARGV[2] .. user, now, 'PX', ARGV[3])
+            gone[#gone + 1] = user
+        end
+    else
+        redis.call('ZADD', KEYS[1], last[2], user)
+    end
+end
+return gone
+"""
+)
 _LUA_COUNT = _LUA_NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
+# KEYS: pairs of (user's set, user's lastSeen). Returns {now, count1, seen1 or false, ...}.
+_LUA_LOOKUP = (
+    _LUA_NOW
+    + """
+local out = {now}
+for i = 1, #KEYS, 2 do
+    out[#out + 1] = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf')
+    out[#out + 1] = redis.call('GET', KEYS[i + 1])
+end
+return out
+"""
+)
 
 
 class RedisUserConnections(SharedUserConnections):
     """One sorted set per user, ``<key_prefix>:<user>``, of ``<process>:<conn>`` scored by expiry time.
 
-    ``acquire`` is one Lua script (drop expired, count, add if under the limit): atomic, one round trip.
-    The refresh is one pipeline of one script per user. Each key also expires after TTL, so the sets of
-    users nobody holds any more vanish.
+    ``acquire`` and ``release`` are one Lua script each (drop expired, count, add or remove): atomic, one
+    round trip. The refresh is one pipeline of one script per user, and the sweep in the same round trip.
+    Each key also expires after 2 TTL, so the sets of users nobody holds any more vanish. Beside them:
+    ``<key_prefix>-index``, users scored by their latest expiry (what the sweep looks at), and
+    ``<key_prefix>-seen:<user>``, lastSeen in milliseconds, kept LAST_SEEN_TTL.
     """
 
     backend_name = "Redis"
@@ -317,13 +456,18 @@ class RedisUserConnections(SharedUserConnections):
         *,
         ttl: float = 60.0,
         op_timeout: float = 1.0,
+        grace: float = 0.0,
         key_prefix: str = "fonana-ws:conns",
         pool_size: int = 16,
     ) -> None:
-        super().__init__(limit, ttl=ttl, op_timeout=op_timeout)
+        super().__init__(limit, ttl=ttl, op_timeout=op_timeout, grace=grace)
         self.safe_url = mask_url(url)
         self.key_prefix = key_prefix
+        self.index_key = f"{key_prefix}-index"
+        self.seen_prefix = f"{key_prefix}-seen:"
         self._ttl_ms = max(1, int(ttl * 1000))
+        self._grace_ms = int(grace * 1000)
+        self._seen_ms = int(LAST_SEEN_TTL * 1000)
         # A blocking pool caps the connections a connect storm opens; a wait counts against op_timeout.
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -337,30 +481,38 @@ class RedisUserConnections(SharedUserConnections):
         )
         self._client = aioredis.Redis(connection_pool=pool)
         self._acquire_script = self._client.register_script(_LUA_ACQUIRE)
+        self._release_script = self._client.register_script(_LUA_RELEASE)
         self._refresh_script = self._client.register_script(_LUA_REFRESH)
+        self._sweep_script = self._client.register_script(_LUA_SWEEP)
         self._count_script = self._client.register_script(_LUA_COUNT)
+        self._lookup_script = self._client.register_script(_LUA_LOOKUP)
 
     def key(self, user_id: str) -> str:
         return f"{self.key_prefix}:{user_id}"
 
-    async def _acquire(self, user_id: str, member: str) -> bool:
-        keys = [self.key(user_id)]
-        return bool(await self._acquire_script(keys=keys, args=[member, self.limit, self._ttl_ms]))
+    def _user_keys(self, user_id: str) -> list[str]:
+        return [self.key(user_id), self.index_key, self.seen_prefix + user_id]
 
-    async def _release(self, user_id: str, member: str) -> None:
-        await self._client.zrem(self.key(user_id), member)
+    async def _acquire(self, user_id: str, member: str) -> int:
+        args = [member, self.limit, self._ttl_ms, self._grace_ms, user_id]
+        return int(await self._acquire_script(keys=self._user_keys(user_id), args=args))
 
-    async def _refresh(self, members: list[tuple[str, str]]) -> None:
-        if not members:
-            await self._client.ping()
-            return
+    async def _release(self, user_id: str, member: str) -> bool:
+        args = [member, self._seen_ms, user_id]
+        return bool(await self._release_script(keys=self._user_keys(user_id), args=args))
+
+    async def _refresh(self, members: list[tuple[str, str]]) -> list[str]:
         by_user: dict[str, list[str]] = {}
         for user, member in members:
             by_user.setdefault(user, []).append(member)
         async with self._client.pipeline(transaction=False) as pipe:
             for user, held in by_user.items():
-                await self._refresh_script(keys=[self.key(user)], args=[self._ttl_ms, *held], client=pipe)
-            await pipe.execute()
+                keys = [self.key(user), self.index_key]
+                await self._refresh_script(keys=keys, args=[self._ttl_ms, user, *held], client=pipe)
+            sweep_args = [self.key_prefix + ":", self.seen_prefix, self._seen_ms, SWEEP_BATCH]
+            await self._sweep_script(keys=[self.index_key], args=sweep_args, client=pipe)
+            results = await pipe.execute()
+        return [u.decode() if isinstance(u, bytes) else str(u) for u in results[-1]]
 
     async def _drop(self, members: list[tuple[str, str]]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -370,6 +522,15 @@ class RedisUserConnections(SharedUserConnections):
 
     async def _count(self, user_id: str) -> int:
         return int(await self._count_script(keys=[self.key(user_id)]))
+
+    async def _lookup(self, user_ids: list[str]) -> Lookup:
+        keys = [k for u in user_ids for k in (self.key(u), self.seen_prefix + u)]
+        out = await self._lookup_script(keys=keys)
+        now, found = int(out[0]) / 1000, {}
+        for i, user in enumerate(user_ids):
+            seen = out[2 + 2 * i]
+            found[user] = (int(out[1 + 2 * i]), int(seen) / 1000 if seen else None)
+        return now, found
 
     async def _close(self) -> None:
         await self._client.aclose()
@@ -385,44 +546,102 @@ CREATE UNLOGGED TABLE IF NOT EXISTS fonana_ws.user_connections (
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (user_id, member)
 );
-CREATE OR REPLACE FUNCTION fonana_ws.user_connections_acquire(
-    p_user text, p_member text, p_limit integer, p_ttl double precision
-) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+-- UNLOGGED too: after a crash a user's lastSeen is null until their next disconnect, which §7.3 allows.
+CREATE UNLOGGED TABLE IF NOT EXISTS fonana_ws.user_last_seen (
+    user_id text PRIMARY KEY,
+    last_seen timestamptz NOT NULL
+);
+-- 0: over the limit; 1: recorded; 2: recorded, and the user came online (none live, none just expired,
+-- not within p_grace of the last close).
+CREATE OR REPLACE FUNCTION fonana_ws.user_status_acquire(
+    p_user text, p_member text, p_limit integer, p_ttl double precision, p_grace double precision
+) RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     held integer;
+    removed integer;
+    mine boolean;
+    seen timestamptz;
 BEGIN
-    -- One user's acquires take turns; a VOLATILE function's next statement sees what they committed.
+    -- One user's acquires, releases and sweeps take turns; a VOLATILE function's next statement sees
+    -- what they committed.
     PERFORM pg_advisory_xact_lock({_PG_LOCK_SPACE}, hashtext(p_user));
-    SELECT count(*) INTO held FROM fonana_ws.user_connections
-        WHERE user_id = p_user AND member <> p_member AND expires_at > now();
-    IF held >= p_limit THEN
-        RETURN false;
+    DELETE FROM fonana_ws.user_connections WHERE user_id = p_user AND expires_at <= now();
+    GET DIAGNOSTICS removed = ROW_COUNT;
+    SELECT count(*) FILTER (WHERE member <> p_member), coalesce(bool_or(member = p_member), false)
+        INTO held, mine FROM fonana_ws.user_connections WHERE user_id = p_user;
+    IF NOT mine AND held >= p_limit THEN
+        RETURN 0;
     END IF;
     INSERT INTO fonana_ws.user_connections (user_id, member, expires_at)
         VALUES (p_user, p_member, now() + make_interval(secs => p_ttl))
         ON CONFLICT (user_id, member) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+    IF mine OR held > 0 OR removed > 0 THEN
+        RETURN 1;
+    END IF;
+    SELECT last_seen INTO seen FROM fonana_ws.user_last_seen WHERE user_id = p_user;
+    IF seen IS NOT NULL AND now() - seen < make_interval(secs => p_grace) THEN
+        RETURN 1;
+    END IF;
+    RETURN 2;
+END
+$$;
+-- True when p_member was the user's last live row (lastSeen written).
+CREATE OR REPLACE FUNCTION fonana_ws.user_status_release(p_user text, p_member text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock({_PG_LOCK_SPACE}, hashtext(p_user));
+    DELETE FROM fonana_ws.user_connections WHERE user_id = p_user AND member = p_member;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    DELETE FROM fonana_ws.user_connections WHERE user_id = p_user AND expires_at <= now();
+    IF EXISTS (SELECT 1 FROM fonana_ws.user_connections WHERE user_id = p_user) THEN
+        RETURN false;
+    END IF;
+    INSERT INTO fonana_ws.user_last_seen (user_id, last_seen) VALUES (p_user, now())
+        ON CONFLICT (user_id) DO UPDATE SET last_seen = EXCLUDED.last_seen;
     RETURN true;
+END
+$$;
+-- The users whose last rows (of dead processes) this call deleted: under each user's lock, so a user is
+-- returned to one sweeping process only. Users in id order, so that two sweeps never deadlock.
+CREATE OR REPLACE FUNCTION fonana_ws.user_status_sweep(p_batch integer)
+RETURNS SETOF text LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    u text;
+    removed integer;
+BEGIN
+    FOR u IN SELECT DISTINCT user_id FROM fonana_ws.user_connections WHERE expires_at <= now()
+             ORDER BY user_id LIMIT p_batch LOOP
+        PERFORM pg_advisory_xact_lock({_PG_LOCK_SPACE}, hashtext(u));
+        DELETE FROM fonana_ws.user_connections WHERE user_id = u AND expires_at <= now();
+        GET DIAGNOSTICS removed = ROW_COUNT;
+        IF removed > 0 AND NOT EXISTS (SELECT 1 FROM fonana_ws.user_connections WHERE user_id = u) THEN
+            INSERT INTO fonana_ws.user_last_seen (user_id, last_seen) VALUES (u, now())
+                ON CONFLICT (user_id) DO UPDATE SET last_seen = EXCLUDED.last_seen;
+            RETURN NEXT u;
+        END IF;
+    END LOOP;
 END
 $$;
 """
 # Made last, so its presence means all is there.
-_PG_EXISTS = (
-    "SELECT to_regprocedure('fonana_ws.user_connections_acquire(text, text, integer, double precision)')"
-)
+_PG_EXISTS = "SELECT to_regprocedure('fonana_ws.user_status_sweep(integer)')"
 _PG_REFRESH = """
 INSERT INTO fonana_ws.user_connections (user_id, member, expires_at)
 SELECT u, m, now() + make_interval(secs => $3) FROM unnest($1::text[], $2::text[]) AS x(u, m)
 ON CONFLICT (user_id, member) DO UPDATE SET expires_at = EXCLUDED.expires_at
 """
-# Rows of dead processes, whoever finds them; SKIP LOCKED so that sweeps never wait on each other.
-_PG_SWEEP = """
-DELETE FROM fonana_ws.user_connections WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM fonana_ws.user_connections WHERE expires_at < now() LIMIT 10000 FOR UPDATE SKIP LOCKED
-))
-"""
+_PG_SWEEP = "SELECT fonana_ws.user_status_sweep($1)"
 _PG_DROP = """
 DELETE FROM fonana_ws.user_connections
 WHERE (user_id, member) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+_PG_LOOKUP = """
+SELECT extract(epoch FROM now())::float8, u,
+    (SELECT count(*) FROM fonana_ws.user_connections c WHERE c.user_id = u AND c.expires_at > now()),
+    (SELECT extract(epoch FROM s.last_seen)::float8 FROM fonana_ws.user_last_seen s WHERE s.user_id = u)
+FROM unnest($1::text[]) AS x(u)
 """
 
 
@@ -437,8 +656,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 class PostgresUserConnections(SharedUserConnections):
     """Rows ``(user_id, member, expires_at)`` in ``fonana_ws.user_connections``, made on first use.
 
-    ``acquire`` is one call of ``fonana_ws.user_connections_acquire``, which serializes one user's
-    acquires with an advisory lock: atomic, one round trip. The table is UNLOGGED: its rows are
+    ``acquire`` and ``release`` are one call each of ``fonana_ws.user_status_acquire`` / ``_release``,
+    which serialize one user's changes with an advisory lock: atomic, one round trip. lastSeen is in
+    ``fonana_ws.user_last_seen``. The table is UNLOGGED: its rows are
     rewritten every TTL/3 anyway, so they need no WAL, and after a crash or a failover (which empty
     it) the live processes write their rows back within TTL/3.
     """
@@ -452,9 +672,10 @@ class PostgresUserConnections(SharedUserConnections):
         *,
         ttl: float = 60.0,
         op_timeout: float = 1.0,
+        grace: float = 0.0,
         pool_size: int = 4,
     ) -> None:
-        super().__init__(limit, ttl=ttl, op_timeout=op_timeout)
+        super().__init__(limit, ttl=ttl, op_timeout=op_timeout, grace=grace)
         self.safe_url = mask_url(url)
         self._dsn = plain_dsn(url)
         self._pool_size = pool_size
@@ -490,31 +711,36 @@ class PostgresUserConnections(SharedUserConnections):
         assert self._pool is not None, "prepared first"
         return self._pool
 
-    async def _acquire(self, user_id: str, member: str) -> bool:
-        return bool(
+    async def _acquire(self, user_id: str, member: str) -> int:
+        return int(
             await self._pool_now().fetchval(
-                "SELECT fonana_ws.user_connections_acquire($1, $2, $3, $4)",
+                "SELECT fonana_ws.user_status_acquire($1, $2, $3, $4, $5)",
                 user_id,
                 member,
                 self.limit,
                 self.ttl,
+                self.grace,
             )
         )
 
-    async def _release(self, user_id: str, member: str) -> None:
-        await self._pool_now().execute(
-            "DELETE FROM fonana_ws.user_connections WHERE user_id = $1 AND member = $2",
-            user_id,
-            member,
+    async def _release(self, user_id: str, member: str) -> bool:
+        return bool(
+            await self._pool_now().fetchval("SELECT fonana_ws.user_status_release($1, $2)", user_id, member)
         )
 
-    async def _refresh(self, members: list[tuple[str, str]]) -> None:
+    async def _refresh(self, members: list[tuple[str, str]]) -> list[str]:
         pool = self._pool_now()
         if members:
             members.sort()  # rows in key order: concurrent writers lock them in the same order
             users, held = [u for u, _ in members], [m for _, m in members]
             await pool.execute(_PG_REFRESH, users, held, self.ttl)
-        await pool.execute(_PG_SWEEP)
+        return [r[0] for r in await pool.fetch(_PG_SWEEP, SWEEP_BATCH)]
+
+    async def _lookup(self, user_ids: list[str]) -> Lookup:
+        rows = await self._pool_now().fetch(_PG_LOOKUP, user_ids)
+        if not rows:
+            return time.time(), {}
+        return float(rows[0][0]), {r[1]: (int(r[2]), r[3]) for r in rows}
 
     async def _drop(self, members: list[tuple[str, str]]) -> None:
         await self._pool_now().execute(_PG_DROP, [u for u, _ in members], [m for _, m in members])
@@ -541,10 +767,13 @@ def for_settings(settings: Settings, **options: Any) -> UserConnections:
     """The count on the broker ``settings.broadcast_url`` selects; ``options`` go to its constructor."""
     limit = settings.max_connections_per_user
     kind = settings.broker_kind
+    grace = settings.offline_grace
     if kind == "redis":
-        return RedisUserConnections(settings.broadcast_url, limit, **options)
+        options.setdefault("ttl", settings.presence_ttl)
+        return RedisUserConnections(settings.broadcast_url, limit, grace=grace, **options)
     if kind == "postgresql":
-        return PostgresUserConnections(settings.broadcast_url, limit, **options)
+        options.setdefault("ttl", settings.presence_ttl)
+        return PostgresUserConnections(settings.broadcast_url, limit, grace=grace, **options)
     if kind == "memory":
-        return MemoryUserConnections(limit)
+        return MemoryUserConnections(limit, grace=grace)
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {kind!r}")

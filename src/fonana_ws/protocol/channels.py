@@ -12,9 +12,10 @@ ID_FIELDS = {
     "creator": "id",
     "post": "postId",
     "conversation": "id",
+    "status": "userId",
 }
-#: The key of each type as the error texts spell it: notifications_U, ..., conversation_C.
-KEY_FORMS = ("notifications_U", "feed_U", "creator_C", "post_P", "conversation_C")
+#: The key of each type as the error texts spell it: notifications_U, ..., status_U.
+KEY_FORMS = ("notifications_U", "feed_U", "creator_C", "post_P", "conversation_C", "status_U")
 KEY_RE = re.compile(rf"^({'|'.join(ID_FIELDS)})_(.+)$", re.S)
 MAX_ID_LENGTH = 200
 

@@ -9,6 +9,9 @@ On the broker channel ``fonana-ws:<channel key>`` (for example ``fonana-ws:post_
 published to several targets (``post_created`` to ``creator_C`` and each subscriber's ``feed_S``), every
 copy carries the same ``id`` and ``"multi": true``, and each connection receives it once.
 ``channel`` / ``user`` fields may be present for readability; the broker channel decides the target.
+
+A ``"control": "<kind>"`` envelope is between servers only (the typing throttle's claims, protocol
+§7.2): the hub hands it to its control handler and delivers it to no socket.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Envelope:
     id: str
     event: dict[str, Any]
     multi: bool = False
+    #: Set for a message between servers (``"typing"``): never delivered to a socket.
+    control: str | None = None
 
 
 def key_channel(key: str) -> str:
@@ -48,10 +53,14 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
-def encode(event: dict[str, Any], event_id: str, *, multi: bool = False, **where: str) -> str:
+def encode(
+    event: dict[str, Any], event_id: str, *, multi: bool = False, control: str | None = None, **where: str
+) -> str:
     body: dict[str, Any] = {"id": event_id, **where, "event": event}
     if multi:
         body["multi"] = True
+    if control is not None:
+        body["control"] = control
     return orjson.dumps(body).decode()
 
 
@@ -65,6 +74,10 @@ def decode(message: str | bytes) -> Envelope:
     if not isinstance(body["event"].get("type"), str):
         raise EnvelopeError("event has no type")
     event_id = body.get("id")
+    control = body.get("control")
     return Envelope(
-        id=str(event_id) if event_id else new_event_id(), event=body["event"], multi=bool(body.get("multi"))
+        id=str(event_id) if event_id else new_event_id(),
+        event=body["event"],
+        multi=bool(body.get("multi")),
+        control=control if isinstance(control, str) else None,
     )

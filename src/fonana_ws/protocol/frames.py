@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -144,6 +145,16 @@ def conversation_channel(conversation_id: str) -> dict[str, str]:
 def typing_event(conversation_id: str, user_id: str, is_typing: bool) -> dict[str, Any]:
     """What the other participant's connections receive (protocol §7.2)."""
     return {"type": "typing", "conversationId": conversation_id, "userId": user_id, "isTyping": is_typing}
+
+
+def user_status(user_id: str, online: bool, last_seen: float | None) -> dict[str, Any]:
+    """A user's online status (protocol §7.3); ``last_seen`` in epoch seconds, sent as ISO 8601 with
+    milliseconds and ``Z`` (as the web app's ``Date.toISOString()``), or null."""
+    seen = None
+    if last_seen is not None:
+        at = datetime.fromtimestamp(last_seen, UTC)
+        seen = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    return {"type": "user_status", "userId": user_id, "online": online, "lastSeen": seen}
 
 
 def unread_notifications(notifications: list[dict[str, Any]]) -> str:

@@ -91,7 +91,14 @@ class RelayTyping:
     is_typing: bool
 
 
-Action = Reply | CheckAccess | Join | Leave | SendUnread | CheckConversation | RelayTyping
+@dataclass(frozen=True, slots=True)
+class SendStatus:
+    """Send ``user_id``'s ``user_status`` snapshot (protocol §7.3), right after ``subscribed``."""
+
+    user_id: str
+
+
+Action = Reply | CheckAccess | Join | Leave | SendUnread | CheckConversation | RelayTyping | SendStatus
 
 #: Conversations one socket remembers the access check of (protocol §7.2: once per connection and
 #: conversation). A client types in a handful; the bound keeps a client that sends typing frames for
@@ -102,6 +109,7 @@ MAX_CONVERSATIONS = 100
 _PONG = Reply(PONG)
 _INVALID = Reply(error(INVALID_FORMAT))
 _SEND_UNREAD = SendUnread()
+STATUS_PREFIX = "status_"
 
 
 class Pending(NamedTuple):
@@ -198,6 +206,8 @@ class Session:
         if not self.sent_unread and key == f"notifications_{self.user_id}":
             self.sent_unread = True  # once, whether or not loading them works
             actions.append(_SEND_UNREAD)
+        elif key.startswith(STATUS_PREFIX):
+            actions.append(SendStatus(key[len(STATUS_PREFIX) :]))
         return actions
 
     def unread_loaded(self, notifications: list[dict[str, Any]]) -> list[Action]:

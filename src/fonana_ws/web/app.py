@@ -17,9 +17,11 @@ from fonana_ws.db.demo import DEMO_USERS, seed_demo
 from fonana_ws.fanout.hub import Hub
 from fonana_ws.fonana import user_connections
 from fonana_ws.fonana.publisher import Publisher
+from fonana_ws.fonana.status import OnlineStatus
+from fonana_ws.fonana.typing import Typing
 from fonana_ws.protocol.frames import CLOSE_SERVICE_RESTART
 from fonana_ws.stats import Stats
-from fonana_ws.web import api, events_api, metrics
+from fonana_ws.web import api, events_api, metrics, presence_api
 from fonana_ws.web.admission import RateLimits
 from fonana_ws.web.endpoint import FonanaEndpoint
 from fonana_ws.web.services import Services
@@ -70,6 +72,17 @@ async def start(services: Services) -> None:
         for user_id, what in DEMO_USERS.items():
             log.info("demo user %s: %s", user_id, what)
     await services.broker.connect()
+    status = services.status = OnlineStatus(
+        services.user_connections,
+        services.broker,
+        services.store,
+        services.stats,
+        grace=settings.offline_grace,
+    )
+    services.user_connections.on_offline = status.went_offline
+    # Made at the start, not at the first typing frame: it must hear the throttle's claims of other
+    # processes for users whose tabs here have not typed yet. Idle, it holds nothing and no timer.
+    services.typing = Typing(services.hub, services.stats)
     await services.user_connections.start()
     if settings.metrics_port:
         services.metrics_server = await metrics.start_metrics_server(
@@ -97,6 +110,8 @@ async def stop(services: Services) -> None:
         await task
     await services.hub.close(CLOSE_SERVICE_RESTART, "Server shutting down")
     await services.user_connections.stop()
+    if services.status is not None:
+        await services.status.stop()
     await services.rate_limits.close()
     await services.broker.disconnect()
     await services.store.disconnect()
@@ -159,6 +174,7 @@ def create_app(settings: Settings | None = None) -> FonanaApp:
         WebSocketRoute("/ws", FonanaEndpoint),
         WebSocketRoute("/", FonanaEndpoint),
         Route("/api/publish", api.publish, methods=["POST"]),
+        Route(presence_api.PATH, presence_api.users, methods=["GET"]),
         Route("/health", api.health),
         Route("/ready", api.ready),
         *events_api.routes,

@@ -31,6 +31,7 @@ from fonana_ws.protocol.session import (
     Leave,
     RelayTyping,
     Reply,
+    SendStatus,
     SendUnread,
     Session,
 )
@@ -42,11 +43,8 @@ log = logging.getLogger("fonana_ws.connection")
 
 
 def typing_of(services: Services) -> Typing:
-    """The process's typing states (protocol §7.2), made at the first typing frame it relays.
-
-    Made here rather than in ``build_services``: it needs the running loop, and a process nobody types
-    in never has one.
-    """
+    """The process's typing states (protocol §7.2): made at the app's start (it needs the running loop);
+    made here for an endpoint mounted in an app that did not start ours."""
     typing = services.typing
     if typing is None:
         typing = services.typing = Typing(services.hub, services.stats)
@@ -183,7 +181,8 @@ class FonanaEndpoint(WebSocketEndpoint):
         user_id, _, address = admitted
         services = self.services
         conn = await self.accept(websocket, admitted)
-        if not await services.user_connections.acquire(user_id, str(conn.id)):
+        admitted_here, came_online = await services.user_connections.admit(user_id, str(conn.id))
+        if not admitted_here:
             services.stats.limit_refusals["user_connections"] += 1
             lifecycle(logging.INFO, "refused", user=user_id, client=address, cause="user_connections")
             await websocket.close(protocol.CLOSE_TOO_MANY_CONNECTIONS, "Too many connections")
@@ -203,6 +202,8 @@ class FonanaEndpoint(WebSocketEndpoint):
             return
         self.session = Session(user_id, services.settings.max_subscriptions, keys=conn.keys)
         self.conn = conn
+        if came_online and services.status is not None:
+            services.status.came_online(user_id)
         self.authenticated()
         lifecycle(logging.INFO, "connected", conn=conn.id, user=user_id, client=address, direct=conn.direct)
 
@@ -215,9 +216,13 @@ class FonanaEndpoint(WebSocketEndpoint):
         if self.holds_slot:
             self.holds_slot = False
             try:
-                await self.services.user_connections.release(conn.user_id, str(conn.id))
+                last = await self.services.user_connections.release(conn.user_id, str(conn.id))
             except Exception as exc:  # its entry expires with the process's next refresh
                 log.warning("could not release connection slot of %s: %s", conn.user_id, exc)
+                return
+            status = self.services.status
+            if last and status is not None:
+                status.went_offline([conn.user_id])  # announced after WS_OFFLINE_GRACE if still offline
 
     def _over_rate(self, conn: Connection) -> bool:
         """Over WS_CLIENT_RATE: the frame is dropped with an error; 100 drops a minute close it (4029)."""
@@ -264,6 +269,8 @@ class FonanaEndpoint(WebSocketEndpoint):
                     typing_of(self.services).frame(conn, conversation_id, to_user, is_typing)
                 case CheckConversation(conversation_id):
                     todo.extend(await self._check_conversation(conn, session, conversation_id))
+                case SendStatus(user_id):
+                    await self._send_status(conn, user_id)
                 case other:
                     raise TypeError(f"no driver for session action {other!r}")
 
@@ -306,6 +313,17 @@ class FonanaEndpoint(WebSocketEndpoint):
             return session.joined(key, False)
         self.services.stats.subscriptions[channel_type(key)] += 1
         return session.joined(key, True)
+
+    async def _send_status(self, conn: Connection, user_id: str) -> None:
+        status = self.services.status
+        if status is None:
+            return
+        try:
+            frames = await status.snapshot([user_id])
+        except Exception as exc:  # the next change frame tells the truth; the subscribe stands
+            log.error("status snapshot failed conn=%s user=%s: %s", conn.id, user_id, exc)
+            return
+        conn.send_text(protocol.dumps(frames[user_id]))
 
     async def _load_unread(self, conn: Connection, session: Session) -> list[Action]:
         try:

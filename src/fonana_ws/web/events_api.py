@@ -22,6 +22,7 @@ from fonana_ws.fonana.errors import REFUSALS, REFUSED, refusal_of
 from fonana_ws.fonana.events import EVENTS, OTHER_EVENT_TYPES, Event
 from fonana_ws.fonana.publisher import MAX_EVENT_ID, MAX_USER_ID
 from fonana_ws.protocol.channels import ID_FIELDS, MAX_ID_LENGTH
+from fonana_ws.web import presence_api
 from fonana_ws.web.api import check_api_key, publish_and_answer, read_json, refused, services
 
 PREFIX = "/api/events/"
@@ -162,6 +163,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": _answers(statuses(e)),
             }
         }
+    paths[presence_api.PATH] = presence_api.OPENAPI_PATH  # the one read: GET, not a publish
     return {
         "openapi": "3.1.0",
         "info": {

@@ -107,6 +107,7 @@ def snapshot(services: Services) -> dict[str, Any]:
             "slow_consumer_disconnects": stats.slow_consumer_disconnects,
             "limit_refusals": limit_refusals,
             "messages_relayed": stats.messages_relayed,
+            "status_published": stats.status_published,
         },
         "typing": typing_numbers(stats),
         "publish_seconds": {
@@ -257,6 +258,11 @@ class FonanaCollector(Collector):
             p + "typing_active",
             "(user, conversation) typing states held; each ends at most 6 s after its last frame.",
             typing["active"],
+        )
+        yield CounterMetricFamily(
+            p + "status_published",
+            "user_status change frames published (protocol §7.3): online, and offline after the grace.",
+            snap["totals"]["status_published"],
         )
 
 

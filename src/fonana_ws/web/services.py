@@ -27,6 +27,7 @@ class Services:
     user_connections: Any
     #: (server, task) of the METRICS_PORT listener, when one is configured.
     metrics_server: Any = None
-    #: The process's typing states (``fonana.typing.Typing``), made at the first typing frame relayed:
-    #: it needs the running loop, and a process nobody types in never has one.
+    #: The process's typing states (``fonana.typing.Typing``), made at the start (it needs the loop).
     typing: Any = None
+    #: The process's online status (``fonana.status.OnlineStatus``), made at start: it needs the loop.
+    status: Any = None
