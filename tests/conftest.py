@@ -132,7 +132,6 @@ class Client:
         await self.ws.close()
 
 
-
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """``-m unit`` opens only the modules that can hold a unit test (those that say ``mark.unit``): the
     others would be imported and collected only to be deselected, and schemathesis alone builds a test
@@ -143,6 +142,7 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
         if "mark.unit" not in collection_path.read_text(encoding="utf-8"):
             return True
     return None
+
 
 @dataclass
 class Server:
