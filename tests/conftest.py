@@ -7,6 +7,7 @@ database made for this run, so every test that uses it exercises both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import databases
 import httpx
 import orjson
 import pytest
@@ -23,7 +25,7 @@ import websockets
 
 from fonana_ws.auth import create_token
 from fonana_ws.config import Settings, load_settings
-from fonana_ws.db import demo
+from fonana_ws.db import create_schema, demo
 from fonana_ws.server import uvicorn_config
 from fonana_ws.web.services import Services
 
@@ -361,3 +363,33 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
+
+
+@contextlib.asynccontextmanager
+async def process_pair(
+    tmp: Path, broker: str = "redis", **env: str
+) -> AsyncIterator[tuple[list[ServerProcess], databases.Database]]:
+    """Two ``fonana-ws serve`` processes on one fresh PostgreSQL database, sharing ``broker`` (``redis``:
+    the shared Redis; ``postgres``: that database's LISTEN/NOTIFY), with ``env`` on top; and the
+    database, to seed it."""
+    if broker == "redis" and (why := await redis_reachable()) is not None:
+        need_service("Redis", why)
+    async with fresh_pg_database() as db_url:
+        db = databases.Database(db_url)
+        await db.connect()
+        try:
+            await create_schema(db)
+            base = {
+                "JWT_SECRET": SECRET,
+                "WS_API_KEY": API_KEY,
+                "DATABASE_URL": db_url,
+                "BROADCAST_URL": REDIS_URL if broker == "redis" else db_url,
+            }
+            async with contextlib.AsyncExitStack() as stack:
+                procs = [
+                    await stack.enter_async_context(ServerProcess({**base, **env}, tmp / f"n{i}"))
+                    for i in range(2)
+                ]
+                yield procs, db
+        finally:
+            await db.disconnect()

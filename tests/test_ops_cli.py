@@ -297,7 +297,7 @@ async def test_doctor_passes_beside_a_running_server(server: Server, tmp_path: P
         assert lines[check][0] == "ok", (check, lines.get(check))
     assert "JWT_SECRET (env)" in lines["secret"][1]
     assert "answers /health" in lines["port"][1]
-    assert "6 tables" in lines["schema"][1]
+    assert "7 tables" in lines["schema"][1]
     assert SECRET not in result.text and API_KEY not in result.text
 
 

@@ -13,29 +13,24 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import databases
 import httpx
 import pytest
 import websockets
 
 from fonana_ws.auth import create_token
-from fonana_ws.db import create_schema, demo
+from fonana_ws.db import demo
 
 from .conftest import (
     API_KEY,
-    REDIS_URL,
     SECRET,
     Client,
     ServerProcess,
-    fresh_pg_database,
     make_settings,
-    need_service,
-    redis_reachable,
+    process_pair,
     running,
 )
 
@@ -188,29 +183,9 @@ async def test_the_presence_query_refuses_what_it_cannot_answer(tmp_path: Path) 
         assert answer.status_code == 200 and len(answer.json()["users"]) == 500
 
 
-@contextlib.asynccontextmanager
-async def pair(tmp: Path, broker: str) -> AsyncIterator[tuple[list[ServerProcess], databases.Database]]:
-    """Two ``fonana-ws serve`` processes on one fresh PostgreSQL database and the broker ``broker``."""
-    if broker == "redis" and (why := await redis_reachable()) is not None:
-        need_service("Redis", why)
-    async with fresh_pg_database() as db_url:
-        db = databases.Database(db_url)
-        await db.connect()
-        try:
-            await create_schema(db)
-            env = {
-                "JWT_SECRET": SECRET,
-                "WS_API_KEY": API_KEY,
-                "DATABASE_URL": db_url,
-                "BROADCAST_URL": REDIS_URL if broker == "redis" else db_url,
-                "WS_PRESENCE_TTL": str(TTL),
-                "WS_OFFLINE_GRACE": str(GRACE),
-            }
-            async with contextlib.AsyncExitStack() as stack:
-                procs = [await stack.enter_async_context(ServerProcess(env, tmp / f"n{i}")) for i in range(2)]
-                yield procs, db
-        finally:
-            await db.disconnect()
+def pair(tmp: Path, broker: str) -> contextlib.AbstractAsyncContextManager[tuple[list[ServerProcess], Any]]:
+    """Two processes on ``broker`` with this file's short TTL and grace."""
+    return process_pair(tmp, broker, WS_PRESENCE_TTL=str(TTL), WS_OFFLINE_GRACE=str(GRACE))
 
 
 def node(proc: ServerProcess) -> Node:

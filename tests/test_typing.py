@@ -8,29 +8,24 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import databases
 import httpx
 import orjson
 import websockets
 
 from fonana_ws.auth import create_token
-from fonana_ws.db import create_schema, demo
+from fonana_ws.db import demo
 from fonana_ws.fonana.typing import EXPIRY
 
 from .conftest import (
     API_KEY,
-    REDIS_URL,
     SECRET,
     Client,
     Server,
     ServerProcess,
-    fresh_pg_database,
-    need_service,
-    redis_reachable,
+    process_pair,
 )
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -218,27 +213,9 @@ async def test_a_malformed_typing_frame_is_an_invalid_format_error(server: Serve
 # -- two processes on Redis ---------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def redis_pair(tmp: Path) -> AsyncIterator[tuple[list[ServerProcess], databases.Database]]:
-    """Two ``fonana-ws serve`` processes on one fresh PostgreSQL database and the shared Redis."""
-    if (why := await redis_reachable()) is not None:
-        need_service("Redis", why)
-    async with fresh_pg_database() as db_url:
-        db = databases.Database(db_url)
-        await db.connect()
-        try:
-            await create_schema(db)
-            env = {
-                "JWT_SECRET": SECRET,
-                "WS_API_KEY": API_KEY,
-                "DATABASE_URL": db_url,
-                "BROADCAST_URL": REDIS_URL,
-            }
-            async with contextlib.AsyncExitStack() as stack:
-                procs = [await stack.enter_async_context(ServerProcess(env, tmp / f"n{i}")) for i in range(2)]
-                yield procs, db
-        finally:
-            await db.disconnect()
+def redis_pair(tmp: Path) -> contextlib.AbstractAsyncContextManager[tuple[list[ServerProcess], Any]]:
+    """Two processes on the shared Redis."""
+    return process_pair(tmp, "redis")
 
 
 async def connect(proc: ServerProcess, user: str) -> Client:

@@ -35,6 +35,8 @@ SERVER_READS: dict[str, tuple[str, ...]] = {
     "notifications": ("id", "userId", "type", "title", "message", "isRead", "metadata", "createdAt"),
     # A Prisma model without @@map: the name is quoted here, so that doctor's query keeps its case.
     '"Conversation"': ("id", "fromUserId", "toUserId"),
+    # Online status (protocol §7.3): a missing table would make every user look hidden.
+    "user_settings": ("userId", "showOnlineStatus"),
 }
 
 
