@@ -100,6 +100,19 @@ class fresh_pg_database:
         await admin.close()
 
 
+class AnyIso:
+    """Equal to any ISO 8601 UTC timestamp string (``connected.data.expiresAt``, protocol §7.6)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and other.endswith("Z") and "T" in other
+
+    def __repr__(self) -> str:
+        return "<any ISO 8601 time>"
+
+
+ANY_ISO = AnyIso()
+
+
 class Client:
     """A real WebSocket client with the few helpers the tests need."""
 
@@ -185,7 +198,11 @@ class Server:
             frame = await client.recv()
             assert frame == {
                 "type": "connected",
-                "data": {"userId": user_id, "message": "Successfully connected to WebSocket server"},
+                "data": {
+                    "userId": user_id,
+                    "message": "Successfully connected to WebSocket server",
+                    "expiresAt": ANY_ISO,
+                },
             }, frame
         return client
 

@@ -29,7 +29,7 @@ import websockets
 
 from fonana_ws.auth import create_token
 
-from .conftest import API_KEY, Server, need_service
+from .conftest import ANY_ISO, API_KEY, Server, need_service
 
 pytestmark = pytest.mark.timeout(720)
 
@@ -300,7 +300,11 @@ async def wait_messages(page: Page, name: str, count: int) -> list[dict[str, Any
 def connected(user_id: str) -> dict[str, Any]:
     return {
         "type": "connected",
-        "data": {"userId": user_id, "message": "Successfully connected to WebSocket server"},
+        "data": {
+            "userId": user_id,
+            "message": "Successfully connected to WebSocket server",
+            "expiresAt": ANY_ISO,
+        },
     }
 
 

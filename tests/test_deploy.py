@@ -31,7 +31,7 @@ import websockets
 
 from fonana_ws.auth import create_token
 
-from .conftest import API_KEY, SECRET, ServerProcess, clean_env, free_port, need_service
+from .conftest import ANY_ISO, API_KEY, SECRET, ServerProcess, clean_env, free_port, need_service
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("FONANA_WS_TEST_CACHE", Path.home() / ".cache" / "fonana-ws-tests"))
@@ -349,6 +349,7 @@ async def test_nginx_in_front_with_tls_and_the_clients_address(tmp_path: Path) -
                 "data": {
                     "userId": "demo-subscriber",
                     "message": "Successfully connected to WebSocket server",
+                    "expiresAt": ANY_ISO,
                 },
             }
             await ws.send(

@@ -300,7 +300,9 @@ async def test_repeated_subscribes_cost_one_access_check(tmp_path: Path, databas
             for _ in range(100):
                 await own.recv_type("subscribed")
                 await own.recv_type("unsubscribed")
-            assert counting.count <= 4, counting.count  # was 3 a denial (post, subscription, purchase)
+            # 3 for the denial (post, purchase, subscription), 1 for the creator's allowance, and at most 2
+            # for the creator's presence join (hidden status, profile: both remembered afterwards).
+            assert counting.count <= 6, counting.count
         finally:
             store.q = counting.q
 

@@ -225,3 +225,33 @@ async def test_a_killed_process_s_users_go_offline_exactly_once(tmp_path: Path, 
         assert (await query(node(procs[1]), b))[b] == {"online": False, "lastSeen": went["lastSeen"]}
         await asyncio.sleep(TTL / 3)  # another sweep or two: nothing more
         await nothing_but_marker(watcher, node(procs[1]), b)
+
+
+@pytest.mark.parametrize("broker", ["redis", "postgresql"])
+async def test_a_stopped_process_s_users_go_offline_unless_back(tmp_path: Path, broker: str) -> None:
+    """SIGTERM on process 0, where B and C are connected; C reconnects to process 1 within the grace (a
+    rolling restart), B does not: A, watching both on process 1, sees B offline once (a survivor's sweep
+    finds B's entries, made to expire after the grace at shutdown) and nothing about C."""
+    async with pair(tmp_path, broker) as (procs, db):
+        a, b, c = user_id("a"), user_id("b"), user_id("c")
+        for user in (a, b, c):
+            await demo.insert_user(db, user)
+        watch_b, snapshot = await watch(node(procs[1]), a, b)
+        watch_c, _ = await watch(node(procs[1]), a, c)
+        await connect(node(procs[0]), b)
+        assert await watch_b.recv() == status(b, True)
+        tab = await connect(node(procs[0]), c)
+        assert await watch_c.recv() == status(c, True)
+
+        procs[0].proc.terminate()
+        stopped = time.monotonic()
+        with contextlib.suppress(Exception):
+            await tab.ws.recv()  # closed 1012 by the shutdown
+        await connect(node(procs[1]), c)  # back within the grace, elsewhere
+        went = await watch_b.recv(timeout=TTL / 3 + GRACE + 5)
+        after = time.monotonic() - stopped
+        assert went["online"] is False and isinstance(went["lastSeen"], str), went
+        print(f"\n[status] {broker}: offline {after:.2f} s after SIGTERM (TTL {TTL} s, grace {GRACE} s)")
+        assert after <= TTL / 3 + GRACE + 2.0, f"offline {after:.2f} s after the stop"
+        await nothing_but_marker(watch_c, node(procs[1]), c)
+        await nothing_but_marker(watch_b, node(procs[1]), b)

@@ -76,9 +76,10 @@ def token(
     sys.stdout.write(create_token(settings.jwt_secret, user, parse_duration(expires)) + "\n")
 
 
-from . import ops, send  # noqa: E402  (commands register on the app above)
+from . import disconnect, ops, send  # noqa: E402  (commands register on the app above)
 
 app.add_typer(send.app, name="send")
+app.command("disconnect")(disconnect.disconnect)
 ops.register(app)
 
 

@@ -44,6 +44,23 @@ class Stats:
     messages_relayed: int = 0
     #: ``user_status`` change frames this process published (protocol §7.3), online and offline.
     status_published: int = 0
+    #: presence_join, presence_leave and presence_count frames this process published (protocol §7.4).
+    presence_published: int = 0
+    #: Writes or reads of the shared presence state that failed (backend unreachable).
+    presence_failures: int = 0
+    #: Connections closed with 4001 because their token's ``exp`` (plus the leeway) passed.
+    tokens_expired: int = 0
+    #: Refresh frames whose token was accepted (protocol §7.6).
+    tokens_refreshed: int = 0
+    #: Refresh frames whose token did not verify (answered ``Invalid token``; the old expiry stands).
+    tokens_refused: int = 0
+    #: Subscribers who lost a post channel to a revoke call or an ended subscription (protocol §7.7).
+    access_revoked: int = 0
+    #: Access re-checks made (one per affected post channel), and the seconds they took in all.
+    access_rechecks: int = 0
+    recheck_seconds: float = 0.0
+    #: Re-checks that could not be made (database down): those subscribers kept their channel.
+    revoke_failures: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

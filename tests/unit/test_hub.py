@@ -220,3 +220,125 @@ async def test_delivery_through_the_in_memory_broker() -> None:
     finally:
         await hub.close(1012, "done")
         await broker.disconnect()
+
+
+# -- members and side keys (channel presence) ----------------------------------------------------------
+
+
+def record_members(hub: Hub) -> list[tuple[str, str, bool]]:
+    calls: list[tuple[str, str, bool]] = []
+    hub.on_member = lambda key, user, joined: calls.append((key, user, joined))
+    return calls
+
+
+async def test_on_member_is_told_each_connection_s_join_and_leave_once(hub: Hub, broker: FakeBroker) -> None:
+    calls = record_members(hub)
+    a = await connected(hub, "ua", "creator_c1")
+    b = await connected(hub, "ua", "creator_c1", "post_p1")  # the same user's second tab
+    await hub.join(a.conn, "creator_c1")  # a repeat: no second join
+    assert calls == [("creator_c1", "ua", True), ("creator_c1", "ua", True), ("post_p1", "ua", True)]
+    calls.clear()
+    hub.leave(a.conn, "creator_c1")
+    hub.leave(a.conn, "creator_c1")  # left already: nothing
+    hub.leave(a.conn, "post_p1")  # never joined: nothing
+    assert calls == [("creator_c1", "ua", False)]
+    calls.clear()
+    await hub.remove_connection(b.conn)
+    assert sorted(calls) == [("creator_c1", "ua", False), ("post_p1", "ua", False)]
+    calls.clear()
+    await hub.remove_connection(b.conn)
+    await hub.remove_connection(a.conn)
+    assert calls == [], "removed twice, or holding no key: no leave"
+
+
+async def test_a_failed_join_is_a_join_and_a_leave(hub: Hub, broker: FakeBroker) -> None:
+    calls = record_members(hub)
+    client = await connected(hub, "ua")
+    broker.fail = RuntimeError("broker refused")
+    with pytest.raises(RuntimeError):
+        await hub.join(client.conn, "creator_c1")
+    assert calls == [("creator_c1", "ua", True), ("creator_c1", "ua", False)], "the count stays balanced"
+
+
+PRESENCE_SIDE = "presence:creator_c1"
+
+
+async def test_a_side_key_s_messages_reach_that_connection_only(hub: Hub, broker: FakeBroker) -> None:
+    calls = record_members(hub)
+    watcher = await connected(hub, "ua", "creator_c1")
+    member = await connected(hub, "ub", "creator_c1")
+    await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)
+    await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)  # a repeat: held once
+    assert watcher.conn.keys == {"creator_c1"}, "a side key is no channel of the socket's"
+    assert hub.sides == {watcher.conn: {"creator_c1": PRESENCE_SIDE}}
+    assert [c for c in calls if c[2]] == [("creator_c1", "ua", True), ("creator_c1", "ub", True)], (
+        "a side key is no membership"
+    )
+    assert broker.calls.count(("subscribe", env.key_channel(PRESENCE_SIDE))) == 1
+    event = {"type": "presence_join", "data": {"channelKey": "creator_c1"}}
+    broker.deliver(env.key_channel(PRESENCE_SIDE), event)
+    broker.deliver(env.key_channel("creator_c1"), {"type": "creator_updated"})
+    await next_turn()
+    assert watcher.events() == [event, {"type": "creator_updated"}]
+    assert member.events() == [{"type": "creator_updated"}]
+
+
+async def test_leaving_the_key_ends_its_side(hub: Hub, broker: FakeBroker) -> None:
+    watcher = await connected(hub, "ua", "creator_c1", "post_p1")
+    await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)
+    await hub.add_side(watcher.conn, "post_p1", "presence:post_p1")
+    hub.leave(watcher.conn, "creator_c1")
+    assert hub.sides == {watcher.conn: {"post_p1": "presence:post_p1"}} and PRESENCE_SIDE not in hub.by_key
+    broker.deliver(env.key_channel(PRESENCE_SIDE), {"type": "presence_leave"})
+    broker.deliver(env.key_channel("presence:post_p1"), {"type": "presence_count"})
+    await next_turn()
+    assert watcher.events() == [{"type": "presence_count"}], "the other key's side goes on"
+    await asyncio.sleep(0)
+    assert ("unsubscribe", env.key_channel(PRESENCE_SIDE)) in broker.calls
+    assert hub.subscriptions.count(env.key_channel(PRESENCE_SIDE)) == 0
+
+
+async def test_end_side_stops_the_side_only(hub: Hub, broker: FakeBroker) -> None:
+    watcher = await connected(hub, "ua", "creator_c1")
+    await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)
+    hub.end_side(watcher.conn, "creator_c1")
+    hub.end_side(watcher.conn, "creator_c1")  # ended already: nothing
+    assert hub.sides == {} and watcher.conn.keys == {"creator_c1"}
+    broker.deliver(env.key_channel(PRESENCE_SIDE), {"type": "presence_leave"})
+    broker.deliver(env.key_channel("creator_c1"), {"type": "creator_updated"})
+    await next_turn()
+    assert watcher.events() == [{"type": "creator_updated"}]
+
+
+async def test_remove_connection_ends_every_side(hub: Hub, broker: FakeBroker) -> None:
+    watcher = await connected(hub, "ua", "creator_c1", "post_p1")
+    other = await connected(hub, "ub", "creator_c1")
+    await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)
+    await hub.add_side(other.conn, "creator_c1", PRESENCE_SIDE)
+    await hub.add_side(watcher.conn, "post_p1", "presence:post_p1")
+    await hub.remove_connection(watcher.conn)
+    assert watcher.conn not in hub.sides and hub.by_key[PRESENCE_SIDE] == {other.conn}
+    assert "presence:post_p1" not in hub.by_key
+    assert hub.subscriptions.count(env.key_channel(PRESENCE_SIDE)) == 1, "the other watcher holds it"
+    assert hub.subscriptions.count(env.key_channel("presence:post_p1")) == 0
+    broker.deliver(env.key_channel(PRESENCE_SIDE), {"type": "presence_join"})
+    await next_turn()
+    assert watcher.events() == [] and other.events() == [{"type": "presence_join"}]
+
+
+async def test_a_failed_side_leaves_nothing_behind(hub: Hub, broker: FakeBroker) -> None:
+    watcher = await connected(hub, "ua", "creator_c1")
+    broker.fail = RuntimeError("broker refused")
+    with pytest.raises(RuntimeError, match="broker refused"):
+        await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)
+    assert hub.sides == {} and PRESENCE_SIDE not in hub.by_key
+    assert hub.subscriptions.count(env.key_channel(PRESENCE_SIDE)) == 0
+    assert watcher.conn.keys == {"creator_c1"}
+
+
+async def test_remove_connection_ends_a_side_whatever_its_key(hub: Hub, broker: FakeBroker) -> None:
+    watcher = await connected(hub, "ua")
+    await hub.add_side(watcher.conn, "creator_c1", PRESENCE_SIDE)  # its key not (or no longer) joined
+    await hub.remove_connection(watcher.conn)
+    assert hub.sides == {} and PRESENCE_SIDE not in hub.by_key
+    assert hub.subscriptions.count(env.key_channel(PRESENCE_SIDE)) == 0

@@ -16,10 +16,12 @@ from fonana_ws.protocol.session import (
     Leave,
     Pending,
     PendingTyping,
+    QueryPresence,
     RelayTyping,
     Reply,
     SendUnread,
     Session,
+    WatchPresence,
 )
 
 pytestmark = pytest.mark.unit
@@ -383,3 +385,138 @@ def test_a_socket_that_never_types_holds_no_conversations() -> None:
     join(session, POST, "post_p1")
     session.receive(frame("ping"))
     assert session.conversations is None
+
+
+# -- channel presence (protocol §7.4) -------------------------------------------------------------------
+
+CONVERSATION = {"type": "conversation", "id": "7"}
+PRESENCE_CHANNELS = [(CREATOR, "creator_c1"), (POST, "post_p1"), (CONVERSATION, "conversation_7")]
+OTHER_CHANNELS = [
+    ({"type": "notifications", "userId": USER}, f"notifications_{USER}"),
+    ({"type": "feed", "userId": USER}, f"feed_{USER}"),
+    ({"type": "status", "userId": OTHER}, f"status_{OTHER}"),
+]
+
+
+def subscribe_frame(channel: Any, presence: Any) -> str:
+    return orjson.dumps({"type": "subscribe", "channel": channel, "presence": presence}).decode()
+
+
+def join_watching(session: Session, channel: dict[str, Any], key: str, presence: Any = True) -> list[Any]:
+    """A subscribe with ``"presence"``, all the way through; the actions after the join."""
+    assert session.receive(subscribe_frame(channel, presence)) == [CheckAccess(key)]
+    assert session.access_decided(key, True) == [Join(key)]
+    return session.joined(key, True)
+
+
+@pytest.mark.parametrize(("channel", "key"), PRESENCE_CHANNELS, ids=["creator", "post", "conversation"])
+def test_presence_query_of_a_joined_channel_is_answered(channel: dict[str, Any], key: str) -> None:
+    session = Session(USER, 10)
+    join(session, channel, key)
+    assert session.receive(frame("presence", channel)) == [QueryPresence(key, channel)]
+    assert session.pending is None, "a query waits for nothing of the session's"
+
+
+@pytest.mark.parametrize(("channel", "key"), PRESENCE_CHANNELS, ids=["creator", "post", "conversation"])
+def test_presence_query_of_a_channel_not_joined_is_access_denied(channel: dict[str, Any], key: str) -> None:
+    session = Session(USER, 10)
+    join(session, {"type": "creator", "id": "another"}, "creator_another")
+    assert replies(session.receive(frame("presence", channel))) == [
+        {"type": "error", "data": {"message": frames.ACCESS_DENIED, "channel": channel}}
+    ]
+    join(session, channel, key)
+    session.receive(frame("unsubscribe", channel))
+    assert replies(session.receive(frame("presence", channel))) == [
+        {"type": "error", "data": {"message": frames.ACCESS_DENIED, "channel": channel}}
+    ], "unsubscribed: no member any more"
+
+
+@pytest.mark.parametrize(("channel", "key"), OTHER_CHANNELS, ids=["notifications", "feed", "status"])
+def test_presence_query_of_another_channel_type_is_invalid_format(channel: dict[str, Any], key: str) -> None:
+    session = Session(USER, 10)
+    join(session, channel, key)  # joined, even: the type decides
+    assert replies(session.receive(frame("presence", channel))) == [
+        {"type": "error", "data": {"message": frames.INVALID_FORMAT, "channel": channel}}
+    ]
+
+
+@pytest.mark.parametrize(
+    "channel",
+    [{"type": "post"}, {"type": "creator", "id": ""}, {"type": "nope", "id": "1"}, "creator_c1", 7],
+    ids=["no id", "empty id", "unknown type", "a key", "a number"],
+)
+def test_presence_query_of_a_malformed_channel_is_invalid_format(channel: Any) -> None:
+    session = Session(USER, 10)
+    join(session, CREATOR, "creator_c1")
+    assert replies(session.receive(frame("presence", channel))) == [
+        {"type": "error", "data": {"message": frames.INVALID_FORMAT, "channel": channel}}
+    ]
+    assert replies(session.receive('{"type": "presence"}')) == [
+        {"type": "error", "data": {"message": frames.INVALID_FORMAT}}
+    ], "no channel at all"
+
+
+@pytest.mark.parametrize(("channel", "key"), PRESENCE_CHANNELS, ids=["creator", "post", "conversation"])
+def test_subscribe_with_presence_watches_after_subscribed(channel: dict[str, Any], key: str) -> None:
+    session = Session(USER, 10)
+    actions = join_watching(session, channel, key)
+    assert replies(actions[:1]) == [{"type": "subscribed", "data": {"channel": channel, "channelKey": key}}]
+    assert actions[1:] == [WatchPresence(key, True)]
+    assert session.watching == {key}
+
+
+def test_subscribe_without_presence_watches_nothing() -> None:
+    session = Session(USER, 10)
+    assert all(isinstance(a, Reply) for a in join(session, CREATOR, "creator_c1"))
+    assert session.watching is None, "a socket that never asks holds no set"
+    assert all(isinstance(a, Reply) for a in join_watching(session, POST, "post_p1", presence=False))
+
+
+@pytest.mark.parametrize(("channel", "key"), OTHER_CHANNELS, ids=["notifications", "feed", "status"])
+def test_presence_on_a_channel_without_presence_is_no_watch(channel: dict[str, Any], key: str) -> None:
+    session = Session(USER, 10)
+    actions = join_watching(session, channel, key)
+    assert not any(isinstance(a, WatchPresence) for a in actions), actions
+    assert replies(actions[:1]) == [{"type": "subscribed", "data": {"channel": channel, "channelKey": key}}]
+    assert not session.watching
+
+
+def test_a_repeat_subscribe_without_presence_ends_the_watch() -> None:
+    session = Session(USER, 10)
+    join_watching(session, CREATOR, "creator_c1")
+    join_watching(session, POST, "post_p1")
+    again = join(session, CREATOR, "creator_c1")
+    assert again[1:] == [WatchPresence("creator_c1", False)]
+    assert session.watching == {"post_p1"} and session.keys == {"creator_c1", "post_p1"}
+    assert join(session, CREATOR, "creator_c1")[1:] == [], "not watching: nothing to end"
+    assert join_watching(session, CREATOR, "creator_c1")[1:] == [WatchPresence("creator_c1", True)]
+    assert join_watching(session, CREATOR, "creator_c1")[1:] == [WatchPresence("creator_c1", True)], (
+        "the latest subscribe decides, each time"
+    )
+
+
+def test_unsubscribe_ends_the_watch() -> None:
+    session = Session(USER, 10)
+    join_watching(session, CREATOR, "creator_c1")
+    actions = session.receive(frame("unsubscribe", CREATOR))
+    assert actions[0] == Leave("creator_c1") and len(actions) == 2, "the hub's leave ends the watch"
+    assert session.watching == set()
+    again = join(session, CREATOR, "creator_c1")
+    assert not any(isinstance(a, WatchPresence) for a in again), "no watch left to end"
+
+
+@pytest.mark.parametrize("presence", ["yes", 1, None, {"on": True}], ids=["text", "number", "null", "object"])
+def test_presence_that_is_not_a_boolean_is_invalid_format(presence: Any) -> None:
+    session = Session(USER, 10)
+    assert replies(session.receive(subscribe_frame(CREATOR, presence))) == [
+        {"type": "error", "data": {"message": frames.INVALID_FORMAT}}
+    ]
+    assert session.pending is None and not session.keys
+
+
+def test_a_failed_join_with_presence_watches_nothing() -> None:
+    session = Session(USER, 10)
+    session.receive(subscribe_frame(CREATOR, True))
+    session.access_decided("creator_c1", True)
+    assert replies(session.joined("creator_c1", False))[0]["data"]["message"] == frames.SUBSCRIBE_FAILED
+    assert not session.watching

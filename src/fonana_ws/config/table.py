@@ -357,6 +357,23 @@ class Settings:
         "seconds without a connection before a user's offline status is sent (a reload within it sends "
         "nothing)",
     )
+    #: Users a presence answer lists; above this many present users, counts replace join/leave.
+    presence_list_limit: int = setting(
+        "WS_PRESENCE_LIST_LIMIT",
+        Whole(1, 1000),
+        100,
+        LIMITS,
+        "users a `presence` answer lists (protocol §7.4); a channel with more present users sends "
+        "`presence_count` instead of join and leave frames",
+    )
+    #: Seconds between two presence_count frames of one channel, across all processes.
+    presence_count_interval: float = setting(
+        "WS_PRESENCE_COUNT_INTERVAL",
+        Number(0.1, 3600.0),
+        10.0,
+        LIMITS,
+        "seconds at least between two `presence_count` frames of one channel, on all processes together",
+    )
     #: Inbound frames per connection, in ``limits`` notation.
     client_rate: str = setting(
         "WS_CLIENT_RATE",

@@ -60,6 +60,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def epoch(value: Any) -> float:
+    """A timestamp column (naive UTC, as Prisma writes them; or aware; SQLite may give text) as epoch
+    seconds."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
 def iso(value: Any) -> str | None:
     """ISO 8601 with milliseconds and ``Z``, as the web app's ``Date.toISOString()`` prints."""
     if value is None:
@@ -105,13 +115,14 @@ class AccessCache:
     def __init__(self, ttl: float = 5.0, size: int = 10_000) -> None:
         self.ttl = ttl
         self.size = size
-        #: (user, key) -> (monotonic expiry, allowed), oldest first.
-        self._entries: OrderedDict[tuple[str, str], tuple[float, bool]] = OrderedDict()
+        #: (user, key) -> (monotonic expiry, decision), oldest first. A decision is ``fonana.policy``'s
+        #: ``Access``: True, False, or the epoch seconds until which a subscription allows.
+        self._entries: OrderedDict[tuple[str, str], tuple[float, bool | float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, user_id: str, key: str) -> bool | None:
+    def get(self, user_id: str, key: str) -> bool | float | None:
         """The remembered decision, or None when there is none (or it expired)."""
         entry = self._entries.get((user_id, key))
         if entry is None:
@@ -121,7 +132,7 @@ class AccessCache:
             return None
         return entry[1]
 
-    def put(self, user_id: str, key: str, allowed: bool) -> None:
+    def put(self, user_id: str, key: str, allowed: bool | float) -> None:
         if self.ttl <= 0 or self.size <= 0:
             return
         entry = (user_id, key)
@@ -130,12 +141,14 @@ class AccessCache:
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
-    def forget(self, user_id: str | None = None) -> None:
-        """Drop the decisions about one user (all of them without ``user_id``)."""
-        if user_id is None:
+    def forget(self, user_id: str | None = None, key: str | None = None) -> None:
+        """Drop the decisions about one user, or one key, or one user's of one key (all without either)."""
+        if user_id is None and key is None:
             self._entries.clear()
             return
-        for entry in [e for e in self._entries if e[0] == user_id]:
+        for entry in [
+            e for e in self._entries if (user_id is None or e[0] == user_id) and (key is None or e[1] == key)
+        ]:
             del self._entries[entry]
 
 
@@ -163,6 +176,8 @@ class Store:
         self.access = AccessCache(access_cache_ttl, access_cache_size)
         #: user id -> (hides their online status, monotonic expiry): ``hidden_status``'s short cache.
         self._hidden: dict[str, tuple[bool, float]] = {}
+        #: user -> ((nickname, avatar) or None for no such user, monotonic expiry): ``profiles``.
+        self._profiles: dict[str, tuple[tuple[str | None, str | None] | None, float]] = {}
         #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
         self.q: Queries = self.db
 
@@ -227,6 +242,49 @@ class Store:
         )
         return row is not None
 
+    async def subscription_until(self, user_id: str, creator_id: str) -> float | None:
+        """When the user's active, paid subscription to the creator ends (epoch seconds), or None."""
+        value = await self.q.fetch_val(
+            """SELECT "validUntil" FROM subscriptions WHERE "userId" = :user AND "creatorId" = :creator
+               AND "isActive" = TRUE AND "paymentStatus" = 'COMPLETED' AND "validUntil" > :now""",
+            {"user": user_id, "creator": creator_id, "now": utcnow()},
+        )
+        return epoch(value) if value is not None else None
+
+    async def post_access(self, post_id: str, user_ids: list[str]) -> dict[str, bool | float]:
+        """The §2 rule for many users of one post, in two queries (the post, then all users at once):
+        user -> True (creator, open post, or a purchase), False, or the epoch seconds until which their
+        subscription allows. No such post: False for everyone."""
+        post = await self.get_post(post_id)
+        users = list(dict.fromkeys(user_ids))
+        if post is None:
+            return dict.fromkeys(users, False)
+        creator = str(post["creatorId"])
+        if not post["isLocked"] and not post["minSubscriptionTier"]:
+            return dict.fromkeys(users, True)
+        names = {f"u{i}": user for i, user in enumerate(users)}
+        rows = await self.q.fetch_all(
+            """SELECT u.id,
+                (SELECT max(s."validUntil") FROM subscriptions s WHERE s."userId" = u.id
+                 AND s."creatorId" = :creator AND s."isActive" = TRUE AND s."paymentStatus" = 'COMPLETED'
+                 AND s."validUntil" > :now) AS until,
+                EXISTS (SELECT 1 FROM post_purchases b WHERE b."userId" = u.id AND b."postId" = :post
+                 AND b."paymentStatus" = 'COMPLETED') AS bought
+               FROM users u WHERE u.id IN ("""
+            + ", ".join(f":{n}" for n in names)
+            + ")",
+            {**names, "creator": creator, "post": post_id, "now": utcnow()},
+        )
+        found: dict[str, bool | float] = dict.fromkeys(users, False)
+        for row in rows:
+            r = row._mapping
+            user = str(r["id"])
+            if user == creator or r["bought"]:
+                found[user] = True
+            elif r["until"] is not None:
+                found[user] = epoch(r["until"])
+        return found
+
     async def has_purchase(self, user_id: str, post_id: str) -> bool:
         row = await self.q.fetch_val(
             """SELECT 1 FROM post_purchases WHERE "userId" = :user AND "postId" = :post
@@ -282,6 +340,40 @@ class Store:
             for user in ask:
                 self._hidden[user] = (user in found, now + ttl)
         return hidden
+
+    async def profiles(
+        self, user_ids: list[str], *, ttl: float = 60.0
+    ) -> dict[str, tuple[str | None, str | None]]:
+        """user -> (nickname, avatar) for those of ``user_ids`` that exist (presence frames, §7.4).
+
+        Remembered ``ttl`` seconds, at most 10,000: the users of a busy channel join and leave again and
+        again, and a new nickname may show a minute late.
+        """
+        now = time.monotonic()
+        found: dict[str, tuple[str | None, str | None]] = {}
+        ask: list[str] = []
+        for user in dict.fromkeys(user_ids):
+            cached = self._profiles.get(user)
+            if cached is not None and cached[1] > now:
+                if cached[0] is not None:
+                    found[user] = cached[0]
+            else:
+                ask.append(user)
+        if not ask:
+            return found
+        names = {f"u{i}": user for i, user in enumerate(ask)}
+        rows = await self.q.fetch_all(
+            "SELECT id, nickname, avatar FROM users WHERE id IN (" + ", ".join(f":{n}" for n in names) + ")",
+            names,
+        )
+        fetched = {str(r._mapping["id"]): (r._mapping["nickname"], r._mapping["avatar"]) for r in rows}
+        if len(self._profiles) + len(ask) > 10_000:
+            self._profiles = {u: v for u, v in self._profiles.items() if v[1] > now}
+            if len(self._profiles) + len(ask) > 10_000:
+                self._profiles.clear()
+        for user in ask:
+            self._profiles[user] = (fetched.get(user), now + ttl)
+        return {**found, **fetched}
 
     async def unread_notifications(self, user_id: str, limit: int = UNREAD_LIMIT) -> list[dict[str, Any]]:
         rows = await self.q.fetch_all(

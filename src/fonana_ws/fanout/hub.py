@@ -43,9 +43,17 @@ class Hub:
         self.watched: dict[str, int] = {}
         #: ``watcher(key, event)`` for each event of a watched key, after its local delivery.
         self.watcher: Callable[[str, dict[str, Any]], None] | None = None
-        #: ``on_control(kind, event)`` for a message between servers (``"control"`` envelope), which no
-        #: socket receives: the typing throttle's claims arrive on the typer's own user topic.
-        self.on_control: Callable[[str, dict[str, Any]], None] | None = None
+        #: ``on_member(key, user, joined)`` at each connection's join and leave of a key (channel presence).
+        self.on_member: Callable[[str, str, bool], None] | None = None
+        #: Connection -> {key it joined: side key it also receives}, for the connections that asked
+        #: (a channel's presence frames, ``presence:K``); a side key ends when its key is left.
+        self.sides: dict[Connection, dict[str, str]] = {}
+        #: Kind -> ``handler(event)`` for a message between servers (``"control"`` envelope), which no
+        #: socket receives; each arrives on a user's own topic (the typing throttle's claims, a
+        #: disconnect of the user everywhere).
+        self.controls: dict[str, Callable[[dict[str, Any]], None]] = {}
+        #: Control kinds nobody here handles, logged once each (bounded: the broker is not trusted to be).
+        self._unknown_controls: set[str] = set()
         broker.listen(self.on_message)
 
     # -- membership -------------------------------------------------------------------------------
@@ -68,6 +76,8 @@ class Hub:
         self.connections.discard(conn)
         for key in list(conn.keys):
             self._drop(conn, key)
+        for key in list(self.sides.get(conn, ())):
+            self.end_side(conn, key)
         users = self.by_user.get(conn.user_id)
         if users is not None:
             users.discard(conn)
@@ -85,6 +95,8 @@ class Hub:
             return
         conns.add(conn)
         conn.keys.add(key)
+        if self.on_member is not None:
+            self.on_member(key, conn.user_id, True)
         try:
             await self.subscriptions.acquire(env.key_channel(key))
         except BaseException:
@@ -97,13 +109,45 @@ class Hub:
     def _drop(self, conn: Connection, key: str) -> None:
         """``conn`` leaves ``key``; its acquire of the key's topic is released once, by whoever gets here."""
         conn.keys.discard(key)
+        if self._remove(conn, key):
+            if self.on_member is not None:
+                self.on_member(key, conn.user_id, False)
+            sides = self.sides.get(conn)
+            if sides is not None and key in sides:
+                self.end_side(conn, key)
+
+    def _remove(self, conn: Connection, key: str) -> bool:
         conns = self.by_key.get(key)
         if conns is None or conn not in conns:
-            return
+            return False
         conns.discard(conn)
         if not conns:
             del self.by_key[key]
         self.subscriptions.release(env.key_channel(key))
+        return True
+
+    async def add_side(self, conn: Connection, key: str, side: str) -> None:
+        """Deliver ``side``'s messages to ``conn`` too, until it leaves ``key`` (which it joined) or
+        ``end_side``; returns once this process receives them. ``side`` is no channel of the socket's
+        (not in ``conn.keys``: it counts against no subscription limit)."""
+        sides = self.sides.setdefault(conn, {})
+        if sides.get(key) == side:
+            return
+        sides[key] = side
+        self.by_key.setdefault(side, set()).add(conn)
+        try:
+            await self.subscriptions.acquire(env.key_channel(side))
+        except BaseException:
+            self.end_side(conn, key)
+            raise
+
+    def end_side(self, conn: Connection, key: str) -> None:
+        sides = self.sides.get(conn)
+        side = sides.pop(key, None) if sides is not None else None
+        if sides is not None and not sides:
+            del self.sides[conn]
+        if side is not None:
+            self._remove(conn, side)
 
     def watch(self, key: str) -> asyncio.Future[None]:
         """Hand ``key``'s events to ``watcher`` until a matching ``unwatch``; this process subscribes it.
@@ -186,13 +230,18 @@ class Hub:
         return count
 
     def _control(self, envelope: env.Envelope) -> None:
-        handler = self.on_control
+        kind = envelope.control or ""
+        handler = self.controls.get(kind)
         if handler is None:
+            # A newer process may speak a kind this one does not know: ignored, said once.
+            if kind not in self._unknown_controls and len(self._unknown_controls) < 64:
+                self._unknown_controls.add(kind)
+                log.warning("ignored control messages of unknown kind %r", kind)
             return
         try:
-            handler(envelope.control or "", envelope.event)
+            handler(envelope.event)
         except Exception:  # the handler's failure must not end delivery for everyone
-            log.exception("control message %s failed", envelope.control)
+            log.exception("control message %s failed", kind)
 
     # -- shutdown -----------------------------------------------------------------------------------
 

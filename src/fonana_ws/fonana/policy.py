@@ -5,8 +5,12 @@ from __future__ import annotations
 from fonana_ws.db import Store
 from fonana_ws.protocol.channels import parse_key
 
+#: A decision: True (allowed), False, or the epoch seconds until which it is allowed (a locked post seen
+#: through a subscription, which ends at its ``validUntil``); truthy means allowed.
+Access = bool | float
 
-async def may_subscribe(store: Store, user_id: str, key: str) -> bool:
+
+async def may_subscribe(store: Store, user_id: str, key: str) -> Access:
     """The access policy: may ``user_id`` join the channel ``key``?
 
     A post's or a conversation's answer, yes or no, is remembered in ``store.access`` for a few seconds
@@ -35,7 +39,7 @@ async def _is_participant(store: Store, user_id: str, conversation_id: str) -> b
     return participants is not None and user_id in participants
 
 
-async def _may_see_post(store: Store, user_id: str, post_id: str) -> bool:
+async def _may_see_post(store: Store, user_id: str, post_id: str) -> Access:
     post = await store.get_post(post_id)
     if post is None:
         return False
@@ -44,6 +48,7 @@ async def _may_see_post(store: Store, user_id: str, post_id: str) -> bool:
         return True
     if not post["isLocked"] and not post["minSubscriptionTier"]:
         return True
-    if await store.has_active_subscription(user_id, creator):
-        return True
-    return await store.has_purchase(user_id, post_id)
+    if await store.has_purchase(user_id, post_id):
+        return True  # bought: for good, whatever becomes of the subscription
+    until = await store.subscription_until(user_id, creator)
+    return until if until is not None else False

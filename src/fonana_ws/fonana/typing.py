@@ -108,7 +108,7 @@ class Typing:
         #: Claims among ``_out`` (a failure counts the relays only).
         self._claims_out = 0
         hub.watcher = self.on_event
-        hub.on_control = self.on_control
+        hub.controls["typing"] = lambda event: self.on_control("typing", event)
 
     # -- what happens -------------------------------------------------------------------------------
 
@@ -141,7 +141,7 @@ class Typing:
         self._arm()
 
     def on_control(self, kind: str, event: dict[str, Any]) -> None:
-        """Another process relayed ``true`` for one of this process's users (``Hub.on_control``): it
+        """Another process relayed ``true`` for one of this process's users (``Hub.controls``): it
         counts for the throttle here, and that process owes the ``false``."""
         if kind != "typing" or event.get("by") == self.id:
             return

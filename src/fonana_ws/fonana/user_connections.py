@@ -64,12 +64,16 @@ class UserConnections:
     grace: float = 0.0
     #: Told the users whose last connections were entries of dead processes, swept by this process.
     on_offline: Any = None
+    #: Set when the process begins to shut down: releases from then on are left to ``stop``.
+    closing: bool = False
 
     async def start(self) -> None:
         """Connect and start refreshing; does not fail when the backend is down (see the module doc)."""
 
     async def stop(self) -> None:
-        """Stop refreshing and release every connection this process holds."""
+        """Stop refreshing and let go of every connection this process holds: their entries expire
+        ``grace`` seconds later, so that a survivor's sweep announces the users who did not come back
+        (a rolling restart whose clients reconnect elsewhere within the grace is no change)."""
 
     async def acquire(self, user_id: str, conn_id: str) -> bool:
         """Record the connection and return True if the user's count stays within the limit, else False."""
@@ -194,10 +198,11 @@ class SharedUserConnections(UserConnections):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         mine = [(user, self._member(c)) for user, conns in self._mine.items() for c in conns]
-        mine += late or []
         self._mine.clear()
+        if late and self._reachable():
+            await self._call(self._drop, late)
         if mine and self._reachable():
-            await self._call(self._drop, mine)
+            await self._call(self._fade, mine)
         self._prepared = False
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.op_timeout):
@@ -215,6 +220,8 @@ class SharedUserConnections(UserConnections):
         return True, result == 2
 
     async def release(self, user_id: str, conn_id: str) -> bool:
+        if self.closing:
+            return False  # the process is shutting down: ``stop`` fades the entry instead
         conns = self._mine.get(user_id)
         if conns is None or conn_id not in conns:
             return False
@@ -325,6 +332,10 @@ class SharedUserConnections(UserConnections):
     async def _drop(self, members: list[tuple[str, str]]) -> None:
         raise NotImplementedError
 
+    async def _fade(self, members: list[tuple[str, str]]) -> None:
+        """Make the members expire ``grace`` seconds from now (at shutdown), for the sweep to find."""
+        raise NotImplementedError
+
     async def _count(self, user_id: str) -> int:
         raise NotImplementedError
 
@@ -334,7 +345,7 @@ class SharedUserConnections(UserConnections):
 
 # Scores are expiry times in milliseconds of Redis's own clock (TIME), so that processes whose clocks
 # disagree still agree on what has expired. A member is live while its score is above now.
-_LUA_NOW = """
+LUA_NOW = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -344,7 +355,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # KEYS: user's set, the index, user's lastSeen; ARGV: member, limit, ttl ms, grace ms, user.
 # Returns 0 over the limit, 1 recorded, 2 recorded and the user came online (see the module doc).
 _LUA_ACQUIRE = (
-    _LUA_NOW
+    LUA_NOW
     + """
 local ttl = tonumber(ARGV[3])
 local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -369,7 +380,7 @@ return 2
 # KEYS: user's set, the index, user's lastSeen; ARGV: member, lastSeen ttl ms, user.
 # Returns 1 when this was the user's last live entry (lastSeen written), else 0.
 _LUA_RELEASE = (
-    _LUA_NOW
+    LUA_NOW
     + """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
     return 0
@@ -386,7 +397,7 @@ return 1
 )
 # KEYS: user's set, the index; ARGV: ttl in ms, user, then the members to keep alive (added back if missing).
 _LUA_REFRESH = (
-    _LUA_NOW
+    LUA_NOW
     + """
 local ttl = tonumber(ARGV[1])
 for i = 3, #ARGV do
@@ -402,7 +413,7 @@ return 1
 # Returns the users whose last entries this call removed: one script runs at a time, so each such user
 # is returned to exactly one process.
 _LUA_SWEEP = (
-    _LUA_NOW
+    LUA_NOW
     + """
 local gone = {}
 for _, user in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))) do
@@ -422,10 +433,25 @@ end
 return gone
 """
 )
-_LUA_COUNT = _LUA_NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
+# KEYS: user's set, the index; ARGV: grace ms, user, members. The index score becomes the set's latest
+# expiry (lowered, unlike elsewhere), so that the sweep looks at the user once the faded entries expire.
+_LUA_FADE = (
+    LUA_NOW
+    + """
+for i = 3, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if #last > 0 then
+    redis.call('ZADD', KEYS[2], last[2], ARGV[2])
+end
+return 1
+"""
+)
+_LUA_COUNT = LUA_NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')"
 # KEYS: pairs of (user's set, user's lastSeen). Returns {now, count1, seen1 or false, ...}.
 _LUA_LOOKUP = (
-    _LUA_NOW
+    LUA_NOW
     + """
 local out = {now}
 for i = 1, #KEYS, 2 do
@@ -485,6 +511,7 @@ class RedisUserConnections(SharedUserConnections):
         self._refresh_script = self._client.register_script(_LUA_REFRESH)
         self._sweep_script = self._client.register_script(_LUA_SWEEP)
         self._count_script = self._client.register_script(_LUA_COUNT)
+        self._fade_script = self._client.register_script(_LUA_FADE)
         self._lookup_script = self._client.register_script(_LUA_LOOKUP)
 
     def key(self, user_id: str) -> str:
@@ -518,6 +545,16 @@ class RedisUserConnections(SharedUserConnections):
         async with self._client.pipeline(transaction=False) as pipe:
             for user, member in members:
                 pipe.zrem(self.key(user), member)
+            await pipe.execute()
+
+    async def _fade(self, members: list[tuple[str, str]]) -> None:
+        by_user: dict[str, list[str]] = {}
+        for user, member in members:
+            by_user.setdefault(user, []).append(member)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user, held in by_user.items():
+                keys = [self.key(user), self.index_key]
+                await self._fade_script(keys=keys, args=[self._grace_ms, user, *held], client=pipe)
             await pipe.execute()
 
     async def _count(self, user_id: str) -> int:
@@ -637,6 +674,10 @@ _PG_DROP = """
 DELETE FROM fonana_ws.user_connections
 WHERE (user_id, member) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
+_PG_FADE = """
+UPDATE fonana_ws.user_connections SET expires_at = now() + make_interval(secs => $3)
+WHERE (user_id, member) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
 _PG_LOOKUP = """
 SELECT extract(epoch FROM now())::float8, u,
     (SELECT count(*) FROM fonana_ws.user_connections c WHERE c.user_id = u AND c.expires_at > now()),
@@ -645,7 +686,7 @@ FROM unnest($1::text[]) AS x(u)
 """
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
+async def keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's reset query (UNLISTEN, RESET ALL...) on every return to the pool.
 
     It is a second round trip per operation, and our statements leave no session state behind: the
@@ -689,7 +730,7 @@ class PostgresUserConnections(SharedUserConnections):
                 min_size=0,
                 max_size=self._pool_size,
                 timeout=self.op_timeout,
-                reset=_keep_session,
+                reset=keep_session,
             )
         async with self._pool.acquire() as conn:
             if await conn.fetchval(_PG_EXISTS) is not None:
@@ -744,6 +785,11 @@ class PostgresUserConnections(SharedUserConnections):
 
     async def _drop(self, members: list[tuple[str, str]]) -> None:
         await self._pool_now().execute(_PG_DROP, [u for u, _ in members], [m for _, m in members])
+
+    async def _fade(self, members: list[tuple[str, str]]) -> None:
+        members.sort()
+        users, held = [u for u, _ in members], [m for _, m in members]
+        await self._pool_now().execute(_PG_FADE, users, held, self.grace)
 
     async def _count(self, user_id: str) -> int:
         return int(

@@ -18,6 +18,9 @@ ID_FIELDS = {
 KEY_FORMS = ("notifications_U", "feed_U", "creator_C", "post_P", "conversation_C", "status_U")
 KEY_RE = re.compile(rf"^({'|'.join(ID_FIELDS)})_(.+)$", re.S)
 MAX_ID_LENGTH = 200
+#: The channel types whose present users are counted and can be asked for (protocol §7.4).
+PRESENCE_TYPES = ("creator", "post", "conversation")
+_PRESENCE_PREFIXES = tuple(f"{kind}_" for kind in PRESENCE_TYPES)
 
 
 class ChannelError(ValueError):
@@ -50,3 +53,8 @@ def parse_key(key: str) -> tuple[str, str]:
 
 def channel_type(key: str) -> str:
     return key.split("_", 1)[0]
+
+
+def has_presence(key: str) -> bool:
+    """Is ``key`` a channel with presence (a creator, post or conversation channel)?"""
+    return key.startswith(_PRESENCE_PREFIXES)

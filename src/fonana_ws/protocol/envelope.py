@@ -64,6 +64,22 @@ def encode(
     return orjson.dumps(body).decode()
 
 
+def encode_with_history(
+    event: dict[str, Any], event_id: str, key: str, *, multi: bool = False, **where: str
+) -> tuple[str, str]:
+    """(envelope, event text) of an event for channel ``key`` with history (protocol §7.8), both still
+    without the offset the backend gives it: the event carries ``"channelKey"`` and ends with ``}``, the
+    envelope has ``"event"`` last and so ends with ``}}`` (``broker.history.with_offset``)."""
+    if "offset" in event:  # the backend's, not the caller's
+        event = {k: v for k, v in event.items() if k != "offset"}
+    event = {**event, "channelKey": key}
+    body: dict[str, Any] = {"id": event_id, **where}
+    if multi:
+        body["multi"] = True
+    body["event"] = event
+    return orjson.dumps(body).decode(), orjson.dumps(event).decode()
+
+
 def decode(message: str | bytes) -> Envelope:
     try:
         body = orjson.loads(message)

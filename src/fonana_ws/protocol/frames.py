@@ -14,6 +14,12 @@ from fonana_ws.protocol.channels import MAX_ID_LENGTH
 INVALID_FORMAT = "Invalid message format"
 ACCESS_DENIED = "Access denied to channel"
 SUBSCRIBE_FAILED = "Failed to subscribe"
+PRESENCE_FAILED = "Presence unavailable"
+INVALID_TOKEN = "Invalid token"
+TOKEN_EXPIRED = "Token expired"
+OTHER_USER = "Unauthorized: token for another user"
+#: A refresh frame's token: longer than any JWT the web app signs (a few hundred bytes).
+MAX_TOKEN_LENGTH = 8192
 CONNECTED_MESSAGE = "Successfully connected to WebSocket server"
 
 #: Close codes. 1008 for auth refusals is the protocol's; the others are documented in the README.
@@ -22,6 +28,8 @@ CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_SLOW_CONSUMER = 1013
+CLOSE_DISCONNECTED = 4003
+CLOSE_TOKEN_EXPIRED = 4001
 CLOSE_TOO_MANY_CONNECTIONS = 4008
 CLOSE_RATE_LIMITED = 4029
 RATE_LIMITED = "Rate limit exceeded"
@@ -44,6 +52,10 @@ class ClientFrame:
     #: A typing frame's conversation (an integer id becomes its decimal string) and its ``isTyping``.
     conversation_id: str = ""
     is_typing: bool = False
+    #: A subscribe frame's ``"presence": true``: send this socket the channel's join/leave (§7.4).
+    presence: bool = False
+    #: A refresh frame's token (§7.6).
+    token: str = ""
 
 
 def nested_deeper_than(value: Any, limit: int) -> bool:
@@ -82,12 +94,20 @@ def parse_frame(text: str | bytes) -> ClientFrame:
     kind = data.get("type")
     if kind == "ping":
         return ClientFrame("ping")
-    if kind in ("subscribe", "unsubscribe"):
+    if kind in ("subscribe", "unsubscribe", "presence"):
         if "channel" not in data:
             raise FrameError("no channel")
-        return ClientFrame(kind, data["channel"])
+        presence = data.get("presence", False) if kind == "subscribe" else False
+        if not isinstance(presence, bool):
+            raise FrameError("presence must be true or false")
+        return ClientFrame(kind, data["channel"], presence=presence)
     if kind == "typing":
         return _typing_frame(data)
+    if kind == "refresh":
+        token = data.get("token")
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
+            raise FrameError(f"token must be a string of 1 to {MAX_TOKEN_LENGTH} characters")
+        return ClientFrame("refresh", token=token)
     raise FrameError("unknown type")
 
 
@@ -109,8 +129,22 @@ def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def connected(user_id: str) -> str:
-    return dumps({"type": "connected", "data": {"userId": user_id, "message": CONNECTED_MESSAGE}})
+def iso(epoch: float) -> str:
+    """Epoch seconds as ISO 8601 with milliseconds and ``Z``, as the web app's ``Date.toISOString()``."""
+    at = datetime.fromtimestamp(epoch, UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+
+
+def connected(user_id: str, expires_at: float | None = None) -> str:
+    """The first frame; ``expiresAt`` when the token has an ``exp`` (protocol §7.6)."""
+    data: dict[str, Any] = {"userId": user_id, "message": CONNECTED_MESSAGE}
+    if expires_at is not None:
+        data["expiresAt"] = iso(expires_at)
+    return dumps({"type": "connected", "data": data})
+
+
+def refreshed(expires_at: float | None) -> str:
+    return dumps({"type": "refreshed", "data": {"expiresAt": iso(expires_at) if expires_at else None}})
 
 
 PONG = dumps({"type": "pong"})
@@ -150,11 +184,32 @@ def typing_event(conversation_id: str, user_id: str, is_typing: bool) -> dict[st
 def user_status(user_id: str, online: bool, last_seen: float | None) -> dict[str, Any]:
     """A user's online status (protocol §7.3); ``last_seen`` in epoch seconds, sent as ISO 8601 with
     milliseconds and ``Z`` (as the web app's ``Date.toISOString()``), or null."""
-    seen = None
-    if last_seen is not None:
-        at = datetime.fromtimestamp(last_seen, UTC)
-        seen = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
+    seen = iso(last_seen) if last_seen is not None else None
     return {"type": "user_status", "userId": user_id, "online": online, "lastSeen": seen}
+
+
+def presence_user(user_id: str, profile: tuple[str | None, str | None] | None) -> dict[str, Any]:
+    """One user as presence frames name them (protocol §7.4); ``profile`` is (nickname, avatar)."""
+    nickname, avatar = profile or (None, None)
+    return {"userId": user_id, "nickname": nickname, "avatar": avatar}
+
+
+def presence(channel: Any, key: str, count: int, users: list[dict[str, Any]], truncated: bool) -> str:
+    """The answer to a ``presence`` query (protocol §7.4)."""
+    data = {"channel": channel, "channelKey": key, "count": count, "users": users, "truncated": truncated}
+    return dumps({"type": "presence", "data": data})
+
+
+def presence_join(key: str, user: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "presence_join", "data": {"channelKey": key, "user": user}}
+
+
+def presence_leave(key: str, user_id: str) -> dict[str, Any]:
+    return {"type": "presence_leave", "data": {"channelKey": key, "userId": user_id}}
+
+
+def presence_count(key: str, count: int) -> dict[str, Any]:
+    return {"type": "presence_count", "data": {"channelKey": key, "count": count}}
 
 
 def unread_notifications(notifications: list[dict[str, Any]]) -> str:

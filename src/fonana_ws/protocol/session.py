@@ -1,12 +1,12 @@
-"""One socket's protocol rules (protocol §1–§2, §7.2) as a state machine that does no I/O.
+"""One socket's protocol rules (protocol §1–§2, §7.2, §7.4) as a state machine that does no I/O.
 
 In the manner of websockets' sans-I/O ``Protocol``: the driver (``web.endpoint``) feeds each client frame
 to ``Session.receive`` and carries out the actions it returns, in order: a reply to send, an access check
 to make, the hub to join or leave, the unread notifications to load, a conversation to look up, a typing
-state to relay. What that I/O decided comes back in through ``access_decided`` / ``access_failed``,
-``joined``, ``unread_loaded`` and ``conversation_found`` / ``conversation_failed``, which return the next
-actions. Every rule is thus a plain function call in ``tests/unit/test_session.py``, and the endpoint only
-awaits and moves bytes.
+state to relay, a channel's presence to watch or to answer. What that I/O decided comes back in through
+``access_decided`` / ``access_failed``, ``joined``, ``unread_loaded`` and ``conversation_found`` /
+``conversation_failed``, which return the next actions. Every rule is thus a plain function call in
+``tests/unit/test_session.py``, and the endpoint only awaits and moves bytes.
 
 Frames are handled one at a time, in the order they came (protocol §1): a subscribe, or the first typing
 frame of a conversation, must be decided before the next frame is fed. Inbound rate limits are the
@@ -18,16 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fonana_ws.protocol.channels import ChannelError, channel_key
+from fonana_ws.protocol.channels import ChannelError, channel_key, has_presence
 from fonana_ws.protocol.frames import (
     ACCESS_DENIED,
+    CLOSE_UNAUTHORIZED,
     INVALID_FORMAT,
+    INVALID_TOKEN,
+    OTHER_USER,
     PONG,
     SUBSCRIBE_FAILED,
     FrameError,
     conversation_channel,
     error,
     parse_frame,
+    refreshed,
     subscribed,
     unread_notifications,
     unsubscribed,
@@ -98,7 +102,63 @@ class SendStatus:
     user_id: str
 
 
-Action = Reply | CheckAccess | Join | Leave | SendUnread | CheckConversation | RelayTyping | SendStatus
+@dataclass(frozen=True, slots=True)
+class WatchPresence:
+    """Send (``on``) or stop sending this socket ``key``'s presence_join/leave/count (protocol §7.4).
+
+    The latest subscribe of the key decides: with ``"presence": true`` on, without it off.
+    """
+
+    key: str
+    on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPresence:
+    """Answer a ``presence`` query of joined ``key`` with its present users; ``channel`` as sent."""
+
+    key: str
+    channel: Any
+
+
+@dataclass(frozen=True, slots=True)
+class CheckToken:
+    """Verify a refresh frame's token as at connect; answer ``token_checked`` (protocol §7.6)."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expire:
+    """Close this socket with 4001 at ``at`` (epoch seconds, the token's ``exp``; the leeway is the
+    driver's), in place of the deadline it had."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close this socket with ``code`` and ``reason``."""
+
+    code: int
+    reason: str
+
+
+Action = (
+    Reply
+    | CheckAccess
+    | Join
+    | Leave
+    | SendUnread
+    | CheckConversation
+    | RelayTyping
+    | SendStatus
+    | WatchPresence
+    | QueryPresence
+    | CheckToken
+    | Expire
+    | Close
+)
 
 #: Conversations one socket remembers the access check of (protocol §7.2: once per connection and
 #: conversation). A client types in a handful; the bound keeps a client that sends typing frames for
@@ -108,16 +168,19 @@ MAX_CONVERSATIONS = 100
 # Replies that never change, built once rather than per frame.
 _PONG = Reply(PONG)
 _INVALID = Reply(error(INVALID_FORMAT))
+_INVALID_TOKEN = Reply(error(INVALID_TOKEN))
 _SEND_UNREAD = SendUnread()
 STATUS_PREFIX = "status_"
 
 
 class Pending(NamedTuple):
-    """The subscribe being decided: its key, the CHANNEL as sent (replies echo it), access granted yet."""
+    """The subscribe being decided: its key, the CHANNEL as sent (replies echo it), access granted yet,
+    and whether it asked for presence frames."""
 
     key: str
     channel: Any
     allowed: bool = False
+    presence: bool = False
 
 
 class PendingTyping(NamedTuple):
@@ -130,7 +193,15 @@ class PendingTyping(NamedTuple):
 class Session:
     """The protocol state of one authenticated socket."""
 
-    __slots__ = ("user_id", "max_subscriptions", "keys", "sent_unread", "pending", "conversations")
+    __slots__ = (
+        "user_id",
+        "max_subscriptions",
+        "keys",
+        "sent_unread",
+        "pending",
+        "conversations",
+        "watching",
+    )
 
     def __init__(self, user_id: str, max_subscriptions: int, keys: set[str] | None = None) -> None:
         self.user_id = user_id
@@ -143,9 +214,11 @@ class Session:
         self.sent_unread = False
         self.pending: Pending | PendingTyping | None = None
         #: Conversation -> its other participant (None: this user is not one), made at the first typing
-        #: frame. A socket that never types has only the slot, which costs nothing: a Session is 80 bytes
-        #: with or without it (CPython allocates objects in 16-byte steps; 5 slots make 72).
+        #: frame. A socket that never types or watches presence has only the two slots (96 bytes a Session,
+        #: with its GC header, against 80 without them).
         self.conversations: dict[str, str | None] | None = None
+        #: The keys whose presence frames this socket asked for (None until it asks for one).
+        self.watching: set[str] | None = None
 
     def receive(self, data: str | bytes) -> list[Action]:
         """One client frame (text, or binary holding the same JSON) -> what to do about it."""
@@ -159,16 +232,26 @@ class Session:
             return [_PONG]
         if frame.type == "typing":
             return self._typing(frame.conversation_id, frame.is_typing)
+        if frame.type == "refresh":
+            return [CheckToken(frame.token)]
         channel = frame.channel
         try:
             key = channel_key(channel)
         except ChannelError:
             return [Reply(error(INVALID_FORMAT, channel))]
+        if frame.type == "presence":
+            if not has_presence(key):
+                return [Reply(error(INVALID_FORMAT, channel))]
+            if key not in self.keys:
+                return [Reply(error(ACCESS_DENIED, channel))]
+            return [QueryPresence(key, channel)]
         if frame.type == "unsubscribe":
             # Never joined: answered all the same (protocol §2), with nothing to leave.
             if key not in self.keys:
                 return [Reply(unsubscribed(channel, key))]
             self.keys.discard(key)
+            if self.watching is not None:
+                self.watching.discard(key)  # the hub's leave ends the watch too
             return [Leave(key), Reply(unsubscribed(channel, key))]
         limit = self.max_subscriptions
         if key not in self.keys and len(self.keys) >= limit:
@@ -177,7 +260,7 @@ class Session:
             reason = f"subscription limit ({limit}) reached"
             return [Reply(error(SUBSCRIBE_FAILED, channel, reason=reason))]
         # Joined already: asked again all the same, so that a repeat answers as the first one did.
-        self.pending = Pending(key, channel)
+        self.pending = Pending(key, channel, presence=frame.presence)
         return [CheckAccess(key)]
 
     def access_decided(self, key: str, allowed: bool) -> list[Action]:
@@ -203,11 +286,35 @@ class Session:
             return [Reply(error(SUBSCRIBE_FAILED, pending.channel))]
         self.keys.add(key)
         actions: list[Action] = [Reply(subscribed(pending.channel, key))]
+        watching = self.watching
+        if pending.presence and has_presence(key):
+            if watching is None:
+                watching = self.watching = set()
+            watching.add(key)
+            actions.append(WatchPresence(key, True))
+        elif watching is not None and key in watching:
+            watching.discard(key)  # subscribed again without it: the latest subscribe decides
+            actions.append(WatchPresence(key, False))
         if not self.sent_unread and key == f"notifications_{self.user_id}":
             self.sent_unread = True  # once, whether or not loading them works
             actions.append(_SEND_UNREAD)
         elif key.startswith(STATUS_PREFIX):
             actions.append(SendStatus(key[len(STATUS_PREFIX) :]))
+        return actions
+
+    def token_checked(self, user_id: str | None, expires_at: float | None) -> list[Action]:
+        """A refresh token verified: for ``user_id`` (None: it did not verify), expiring at ``expires_at``.
+
+        Good: the new expiry applies. Bad: an error, and the old expiry still applies. Another user's:
+        the socket is closed (protocol §7.6), for a connection is one user's for its life.
+        """
+        if user_id is None:
+            return [_INVALID_TOKEN]
+        if user_id != self.user_id:
+            return [Close(CLOSE_UNAUTHORIZED, OTHER_USER)]
+        actions: list[Action] = [Reply(refreshed(expires_at))]
+        if expires_at is not None:
+            actions.append(Expire(expires_at))
         return actions
 
     def unread_loaded(self, notifications: list[dict[str, Any]]) -> list[Action]:

@@ -293,8 +293,12 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
 
         uvicorn sends 1012 to a connection whose peer already sent its close (``InvalidState`` raised in
         its loop over all connections: the rest never hear of the shutdown), and waits for a peer that
-        stopped reading to drain its buffer until the graceful timeout.
+        stopped reading to drain its buffer until the graceful timeout. The app hears of the shutdown
+        first (``Services.begin_shutdown``): the closes that follow are not users leaving.
         """
+        services = services_of(self)
+        if services is not None:
+            services.begin_shutdown()
         if self.handshake_complete and not self.close_sent and self.conn.state is not State.OPEN:
             self.stop_keepalive()
             self.transport.abort()

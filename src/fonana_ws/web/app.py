@@ -15,13 +15,15 @@ from fonana_ws.config import Settings, load_settings
 from fonana_ws.db import Store
 from fonana_ws.db.demo import DEMO_USERS, seed_demo
 from fonana_ws.fanout.hub import Hub
-from fonana_ws.fonana import user_connections
+from fonana_ws.fonana import disconnect, presence_store, user_connections
+from fonana_ws.fonana.presence import ChannelPresence
 from fonana_ws.fonana.publisher import Publisher
+from fonana_ws.fonana.revocation import Revocation
 from fonana_ws.fonana.status import OnlineStatus
 from fonana_ws.fonana.typing import Typing
 from fonana_ws.protocol.frames import CLOSE_SERVICE_RESTART
 from fonana_ws.stats import Stats
-from fonana_ws.web import api, events_api, metrics, presence_api
+from fonana_ws.web import access_api, api, batch_api, events_api, metrics, presence_api, users_api
 from fonana_ws.web.admission import RateLimits
 from fonana_ws.web.endpoint import FonanaEndpoint
 from fonana_ws.web.services import Services
@@ -83,7 +85,21 @@ async def start(services: Services) -> None:
     # Made at the start, not at the first typing frame: it must hear the throttle's claims of other
     # processes for users whose tabs here have not typed yet. Idle, it holds nothing and no timer.
     services.typing = Typing(services.hub, services.stats)
+    disconnect.install(services.hub)  # closes this process's connections of a user asked for (4003)
     await services.user_connections.start()
+    presence = services.presence = ChannelPresence(
+        presence_store.for_settings(settings),
+        services.broker,
+        services.store,
+        services.stats,
+        grace=settings.offline_grace,
+        ttl=settings.presence_ttl,
+        list_limit=settings.presence_list_limit,
+        count_interval=settings.presence_count_interval,
+    )
+    services.hub.on_member = presence.on_member
+    presence.start()
+    services.revocation = Revocation(services.hub, services.store, services.stats)
     if settings.metrics_port:
         services.metrics_server = await metrics.start_metrics_server(
             services, settings.metrics_host, settings.metrics_port
@@ -108,10 +124,17 @@ async def stop(services: Services) -> None:
         server, task = services.metrics_server
         server.should_exit = True
         await task
+    services.begin_shutdown()  # already, when uvicorn closed the sockets first
     await services.hub.close(CLOSE_SERVICE_RESTART, "Server shutting down")
     await services.user_connections.stop()
     if services.status is not None:
         await services.status.stop()
+    if services.presence is not None:
+        await services.presence.stop()
+    if services.expiry is not None:
+        services.expiry.clear()
+    if services.revocation is not None:
+        services.revocation.stop()
     await services.rate_limits.close()
     await services.broker.disconnect()
     await services.store.disconnect()
@@ -174,6 +197,9 @@ def create_app(settings: Settings | None = None) -> FonanaApp:
         WebSocketRoute("/ws", FonanaEndpoint),
         WebSocketRoute("/", FonanaEndpoint),
         Route("/api/publish", api.publish, methods=["POST"]),
+        Route(access_api.PATH, access_api.revoke, methods=["POST"]),
+        Route(batch_api.PATH, batch_api.publish_batch, methods=["POST"]),
+        Route(users_api.PATH, users_api.disconnect_user, methods=["POST"]),
         Route(presence_api.PATH, presence_api.users, methods=["GET"]),
         Route("/health", api.health),
         Route("/ready", api.ready),

@@ -7,8 +7,11 @@ lookup and the typing relay (``fonana.typing``, one per process).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import deque
+from functools import partial
 from typing import Any
 
 from starlette.endpoints import WebSocketEndpoint
@@ -17,7 +20,9 @@ from starlette.websockets import WebSocket
 
 from fonana_ws.auth import AuthError, fingerprint, token_from_scope, verify_with
 from fonana_ws.fanout.connection import Connection
+from fonana_ws.fanout.deadlines import Deadlines
 from fonana_ws.fonana.policy import may_subscribe
+from fonana_ws.fonana.presence import topic_key
 from fonana_ws.fonana.typing import Typing
 from fonana_ws.logs import lifecycle
 from fonana_ws.net import client_address
@@ -27,13 +32,18 @@ from fonana_ws.protocol.session import (
     Action,
     CheckAccess,
     CheckConversation,
+    CheckToken,
+    Close,
+    Expire,
     Join,
     Leave,
+    QueryPresence,
     RelayTyping,
     Reply,
     SendStatus,
     SendUnread,
     Session,
+    WatchPresence,
 )
 from fonana_ws.transport.wire import EXTENSION, Wire
 from fonana_ws.web.admission import origin_allowed
@@ -51,6 +61,30 @@ def typing_of(services: Services) -> Typing:
     return typing
 
 
+def expiry_of(services: Services) -> Deadlines[Connection]:
+    """The process's token deadlines (protocol §7.6), one timer for all connections; made on first use."""
+    expiry = services.expiry
+    if expiry is None:
+        expiry = services.expiry = Deadlines(asyncio.get_running_loop(), partial(tokens_expired, services))
+    return expiry
+
+
+def expire_at(services: Services, conn: Connection, exp: float) -> None:
+    """Close ``conn`` with 4001 once ``exp`` (epoch seconds) plus JWT_LEEWAY has passed."""
+    expiry = expiry_of(services)
+    expiry.set(conn, expiry.clock.time() + exp + services.settings.jwt_leeway - time.time())
+
+
+def tokens_expired(services: Services, conns: list[Connection]) -> None:
+    """Close each connection whose token's ``exp`` plus the leeway passed: 4001, and the client
+    reconnects with a fresh token."""
+    for conn in conns:
+        services.stats.tokens_expired += 1
+        lifecycle(logging.INFO, "token expired", conn=conn.id, user=conn.user_id, client=conn.client)
+        conn.close_reason = "token expired"
+        conn.cut(protocol.CLOSE_TOKEN_EXPIRED, protocol.TOKEN_EXPIRED)
+
+
 class FonanaEndpoint(WebSocketEndpoint):
     """Authenticate first, read nothing before; then subscribe/unsubscribe/ping/typing frames in order."""
 
@@ -63,6 +97,10 @@ class FonanaEndpoint(WebSocketEndpoint):
     holds_slot = False
     #: Named in refusal log lines of endpoints other than /ws.
     log_path: str | None = None
+    #: The token's ``exp`` (epoch seconds), from ``admit``.
+    expires_at: float | None = None
+    #: The access check just made allows until then (epoch seconds): a subscription's ``validUntil``.
+    allowed_until: float | None = None
 
     @property
     def services(self) -> Services:
@@ -132,7 +170,8 @@ class FonanaEndpoint(WebSocketEndpoint):
             accept_proto = next((p for p in subprotocols if p in (token, f"bearer.{token}")), None)
         user_id: str | None = None
         try:
-            user_id, _claims = verify_with(settings, token)
+            user_id, claims = verify_with(settings, token)
+            self.expires_at = _exp_of(claims)
             try:
                 known = await services.store.user_exists(user_id)
             except Exception as exc:
@@ -189,7 +228,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             return
         self.holds_slot = True
         # Queued before the connection joins its user's channel: `connected` is always the first frame.
-        conn.send_text(protocol.connected(user_id))
+        conn.send_text(protocol.connected(user_id, self.expires_at))
         try:
             await services.hub.add_connection(conn)
         except BaseException as exc:  # a broker failure, or cancelled at shutdown: leave nothing behind
@@ -202,6 +241,8 @@ class FonanaEndpoint(WebSocketEndpoint):
             return
         self.session = Session(user_id, services.settings.max_subscriptions, keys=conn.keys)
         self.conn = conn
+        if self.expires_at is not None:
+            expire_at(services, conn, self.expires_at)
         if came_online and services.status is not None:
             services.status.came_online(user_id)
         self.authenticated()
@@ -271,6 +312,18 @@ class FonanaEndpoint(WebSocketEndpoint):
                     todo.extend(await self._check_conversation(conn, session, conversation_id))
                 case SendStatus(user_id):
                     await self._send_status(conn, user_id)
+                case WatchPresence(key, on):
+                    await self._watch_presence(conn, key, on)
+                case QueryPresence(key, channel):
+                    await self._query_presence(conn, key, channel)
+                case CheckToken(token):
+                    todo.extend(self._check_token(conn, session, token))
+                case Expire(at):
+                    expire_at(self.services, conn, at)
+                case Close(code, reason):
+                    lifecycle(logging.INFO, "closed", conn=conn.id, user=conn.user_id, reason=reason)
+                    conn.close_reason = reason
+                    conn.cut(code, reason)
                 case other:
                     raise TypeError(f"no driver for session action {other!r}")
 
@@ -282,7 +335,9 @@ class FonanaEndpoint(WebSocketEndpoint):
             return session.access_failed(key)
         if not allowed:
             lifecycle(logging.INFO, "denied", conn=conn.id, user=conn.user_id, client=conn.client, key=key)
-        return session.access_decided(key, allowed)
+        # Allowed until a subscription's end: the join (next) leaves a deadline for the re-check.
+        self.allowed_until = allowed if allowed is not True and allowed is not False else None
+        return session.access_decided(key, bool(allowed))
 
     async def _check_conversation(
         self, conn: Connection, session: Session, conversation_id: str
@@ -312,6 +367,10 @@ class FonanaEndpoint(WebSocketEndpoint):
             log.error("subscribe failed conn=%s key=%s: %s", conn.id, key, exc)
             return session.joined(key, False)
         self.services.stats.subscriptions[channel_type(key)] += 1
+        until, self.allowed_until = self.allowed_until, None
+        revocation = self.services.revocation
+        if until is not None and revocation is not None:
+            revocation.allowed_until(conn, key, until)
         return session.joined(key, True)
 
     async def _send_status(self, conn: Connection, user_id: str) -> None:
@@ -324,6 +383,38 @@ class FonanaEndpoint(WebSocketEndpoint):
             log.error("status snapshot failed conn=%s user=%s: %s", conn.id, user_id, exc)
             return
         conn.send_text(protocol.dumps(frames[user_id]))
+
+    def _check_token(self, conn: Connection, session: Session, token: str) -> list[Action]:
+        """A refresh frame's token, verified as at connect (no user lookup: the user is this socket's)."""
+        try:
+            user_id, claims = verify_with(self.services.settings, token)
+        except AuthError as exc:
+            self.services.stats.tokens_refused += 1
+            lifecycle(logging.INFO, "refresh refused", conn=conn.id, user=conn.user_id, cause=exc.cause)
+            return session.token_checked(None, None)
+        if user_id == conn.user_id:
+            self.services.stats.tokens_refreshed += 1
+        return session.token_checked(user_id, _exp_of(claims))
+
+    async def _watch_presence(self, conn: Connection, key: str, on: bool) -> None:
+        hub = self.services.hub
+        if not on:
+            hub.end_side(conn, key)
+            return
+        try:
+            await hub.add_side(conn, key, topic_key(key))
+        except Exception as exc:  # the subscribe stands; its presence frames are what is missing
+            log.error("presence watch failed conn=%s key=%s: %s", conn.id, key, exc)
+
+    async def _query_presence(self, conn: Connection, key: str, channel: Any) -> None:
+        presence = self.services.presence
+        try:
+            if presence is None:
+                raise RuntimeError("channel presence is not running")
+            conn.send_text(await presence.query(key, channel))
+        except Exception as exc:
+            log.error("presence query failed conn=%s key=%s: %s", conn.id, key, exc)
+            conn.send_text(protocol.error(protocol.PRESENCE_FAILED, channel))
 
     async def _load_unread(self, conn: Connection, session: Session) -> list[Action]:
         try:
@@ -340,6 +431,10 @@ class FonanaEndpoint(WebSocketEndpoint):
         typing = self.services.typing
         if typing is not None:
             typing.closed(conn)  # one dict lookup for a connection that never typed
+        if self.services.expiry is not None:
+            self.services.expiry.discard(conn)
+        if self.services.revocation is not None:
+            self.services.revocation.forget(conn)
         await self.services.hub.remove_connection(conn)
         await self._release(conn)
         lifecycle(
@@ -351,3 +446,8 @@ class FonanaEndpoint(WebSocketEndpoint):
             code=close_code,
             reason=conn.close_reason or None,
         )
+
+
+def _exp_of(claims: dict[str, Any]) -> float | None:
+    exp = claims.get("exp")
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None

@@ -22,7 +22,7 @@ from fonana_ws.fonana.errors import REFUSALS, REFUSED, refusal_of
 from fonana_ws.fonana.events import EVENTS, OTHER_EVENT_TYPES, Event
 from fonana_ws.fonana.publisher import MAX_EVENT_ID, MAX_USER_ID
 from fonana_ws.protocol.channels import ID_FIELDS, MAX_ID_LENGTH
-from fonana_ws.web import presence_api
+from fonana_ws.web import access_api, batch_api, presence_api, users_api
 from fonana_ws.web.api import check_api_key, publish_and_answer, read_json, refused, services
 
 PREFIX = "/api/events/"
@@ -164,6 +164,9 @@ def openapi_document() -> dict[str, Any]:
             }
         }
     paths[presence_api.PATH] = presence_api.OPENAPI_PATH  # the one read: GET, not a publish
+    paths[batch_api.PATH] = batch_api.openapi_path(_PUBLISH_BODY, _answers(list(_COMMON)))
+    paths[users_api.PATH] = users_api.openapi_path(_answers(list(_COMMON)))
+    paths[access_api.PATH] = access_api.openapi_path(_answers(list(_COMMON)))
     return {
         "openapi": "3.1.0",
         "info": {

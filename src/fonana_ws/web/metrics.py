@@ -108,6 +108,14 @@ def snapshot(services: Services) -> dict[str, Any]:
             "limit_refusals": limit_refusals,
             "messages_relayed": stats.messages_relayed,
             "status_published": stats.status_published,
+            "presence_published": stats.presence_published,
+            "presence_failures": stats.presence_failures,
+            "tokens_expired": stats.tokens_expired,
+            "tokens_refreshed": stats.tokens_refreshed,
+            "tokens_refused": stats.tokens_refused,
+            "access_revoked": stats.access_revoked,
+            "access_rechecks": stats.access_rechecks,
+            "revoke_failures": stats.revoke_failures,
         },
         "typing": typing_numbers(stats),
         "publish_seconds": {
@@ -264,6 +272,25 @@ class FonanaCollector(Collector):
             "user_status change frames published (protocol §7.3): online, and offline after the grace.",
             snap["totals"]["status_published"],
         )
+        yield CounterMetricFamily(
+            p + "presence_published",
+            "presence_join, presence_leave and presence_count frames published (protocol §7.4).",
+            snap["totals"]["presence_published"],
+        )
+        yield CounterMetricFamily(
+            p + "presence_failures",
+            "Writes and reads of the shared channel presence that failed (backend unreachable).",
+            snap["totals"]["presence_failures"],
+        )
+        for name, text in (
+            ("tokens_expired", "Connections closed with 4001: their token's exp plus the leeway passed."),
+            ("tokens_refreshed", "Refresh frames whose token was accepted (protocol §7.6)."),
+            ("tokens_refused", "Refresh frames whose token did not verify (Invalid token)."),
+            ("access_revoked", "Subscribers who lost a post channel (a revoke call, an ended subscription)."),
+            ("access_rechecks", "Access re-checks made, one per affected post channel (protocol §7.7)."),
+            ("revoke_failures", "Access re-checks that could not be made (database down)."),
+        ):
+            yield CounterMetricFamily(p + name, text, snap["totals"][name])
 
 
 def registry_for(request: Request) -> CollectorRegistry:

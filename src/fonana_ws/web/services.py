@@ -31,3 +31,18 @@ class Services:
     typing: Any = None
     #: The process's online status (``fonana.status.OnlineStatus``), made at start: it needs the loop.
     status: Any = None
+    #: The process's channel presence (``fonana.presence.ChannelPresence``), made at start.
+    presence: Any = None
+    #: Each connection's token deadline (``fanout.deadlines.Deadlines``, §7.6), made at the first one.
+    expiry: Any = None
+    #: Live revocation (``fonana.revocation.Revocation``, §7.7), made at start.
+    revocation: Any = None
+
+    def begin_shutdown(self) -> None:
+        """The process is shutting down: the connections about to close are let go of at the end, in
+        ``user_connections.stop`` and ``presence.stop``, not one by one. Their entries then expire after
+        the grace, so that a survivor announces whoever did not reconnect elsewhere by then (a rolling
+        restart is no change), rather than this process, whose grace timers would not outlive it."""
+        self.user_connections.closing = True
+        if self.presence is not None:
+            self.presence.closing = True
