@@ -1894,6 +1894,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "target NAME; twice (or with --spawn-ours) gives before/after in one run (repeatable)",
     )
     p.add_argument(
+        "--ours-variant",
+        action="append",
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also start this checkout's fonana-ws with these settings on top, as target NAME (with "
+        "--spawn-ours: the same server with and without them, e.g. history-off:WS_HISTORY_TTL=0; repeatable)",
+    )
+    p.add_argument(
         "--ours-procs",
         type=int,
         default=1,
@@ -1989,17 +1996,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = set(a.only) - {"sustain", "latency", "cpu", "memory", "connect"}
     if bad:
         p.error(f"unknown measurement(s) in --only: {', '.join(sorted(bad))}")
-    if a.spawn_peer or a.spawn_ours or a.ours_checkout:
+    a.ours_variant = [parse_variant(p, spec) for spec in a.ours_variant or []]
+    if a.spawn_peer or a.spawn_ours or a.ours_checkout or a.ours_variant:
         a.secret = a.secret or "fonana-bench-secret-0123456789abcdef"
         a.api_key = a.api_key or "bench-api-key-0123456789"
     if not a.secret or not a.api_key:
         p.error("--secret and --api-key are required (or $JWT_SECRET / $WS_API_KEY, or --spawn-peer)")
     a.ours_checkout = a.ours_checkout or []
-    if not a.target and not a.spawn_peer and not a.spawn_ours and not a.ours_checkout:
+    if not a.target and not a.spawn_peer and not a.spawn_ours and not a.ours_checkout and not a.ours_variant:
         p.error("give at least one --target NAME=WS_URL,HTTP_URL, --spawn-peer or --spawn-ours")
     if a.workers is None:
         a.workers = len(parse_cpus(a.client_cpus))
     return a
+
+
+def parse_variant(p: argparse.ArgumentParser, spec: str) -> tuple[str, dict[str, str]]:
+    """``NAME:VAR=VALUE[,VAR=VALUE]`` -> (NAME, {VAR: VALUE}); a value cannot hold a comma."""
+    name, _, assignments = spec.partition(":")
+    env: dict[str, str] = {}
+    for item in assignments.split(","):
+        var, eq, value = item.strip().partition("=")
+        if not eq or not var.isidentifier():
+            p.error(f"bad --ours-variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        env[var] = value
+    if not name or name == "ours":
+        p.error(f"bad --ours-variant {spec!r}: it needs a name of its own (not 'ours')")
+    return name, env
 
 
 def load_users(a: argparse.Namespace) -> list[str]:
@@ -2079,6 +2101,13 @@ def main(argv: list[str] | None = None) -> int:
         others.append(
             (name, Ours(port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, 1, str(python)))
         )
+    # Variants of this checkout: as many processes and the same broker as --spawn-ours, so that the only
+    # difference is their settings. On Redis they share its pub/sub with "ours" (it has no namespace),
+    # harmless since targets are measured one after the other and an idle target has no clients.
+    for i, (name, env) in enumerate(a.ours_variant, len(others) + 1):
+        port = a.ours_port + 10 * i
+        variant = Ours(port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, a.ours_procs, env=env)
+        others.append((name, variant))
     targets: list[Target] = []
     try:
         if peer:
@@ -2091,7 +2120,8 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(Target(name, ws_url, http_url, pids=pids))
         for name, other in others:
             ws_url, http_url, pids = other.start()
-            log(f"{name}: pids {pids} ({other.python}), CPUs {a.server_cpus}, broker {a.ours_broker}")
+            extra = f", with {other.env}" if other.env else ""
+            log(f"{name}: pids {pids} ({other.python}{extra}), CPUs {a.server_cpus}, broker {a.ours_broker}")
             targets.append(Target(name, ws_url, http_url, pids=pids))
         targets.extend(parse_targets(a))
         with contextlib.suppress(OSError, AttributeError):

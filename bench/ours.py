@@ -17,14 +17,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import databases
+
 from fonana_ws.db import Store, demo
 
+#: More rows for one benchmark (e.g. a locked post and its subscriptions), inserted after the users in
+#: the same transaction.
+SeedExtra = Callable[[databases.Database], Awaitable[None]]
 
-async def seed(database_url: str, users: list[str]) -> None:
-    """The schema, the bench users, and the open post ``bench`` (channel ``post_bench``)."""
+
+async def seed(database_url: str, users: list[str], extra: SeedExtra | None = None) -> None:
+    """The schema, the bench users, the open post ``bench`` (channel ``post_bench``), then ``extra``."""
     store = Store(database_url)
     await store.connect()
     try:
@@ -33,6 +40,8 @@ async def seed(database_url: str, users: list[str]) -> None:
             for user in users:
                 await demo.insert_user(store.db, user)
             await demo.insert_post(store.db, "bench", users[0])
+            if extra is not None:
+                await extra(store.db)
     finally:
         await store.disconnect()
 
@@ -54,6 +63,8 @@ class Ours:
         broker: str = "memory://",
         procs: int = 1,
         python: str = sys.executable,
+        env: dict[str, str] | None = None,
+        seed_extra: SeedExtra | None = None,
     ) -> None:
         if procs > 1 and broker.startswith("memory"):
             raise ValueError("several processes need a shared broker: --ours-broker redis://...")
@@ -66,16 +77,23 @@ class Ours:
         self.count = procs
         #: The interpreter whose fonana_ws is measured: another checkout's venv compares two versions.
         self.python = python
+        #: Merged over the server's environment last: a variant of one checkout (e.g. history off).
+        self.env = dict(env or {})
+        self.seed_extra = seed_extra
         self.dir = Path(tempfile.mkdtemp(prefix="fonana-ws-bench-"))
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Any] = []
 
+    @property
+    def database_url(self) -> str:
+        """The servers' SQLite file (a benchmark may change rows in it while they run)."""
+        return f"sqlite+aiosqlite:///{self.dir / 'bench.db'}"
+
     def start(self) -> tuple[str, str, list[int]]:
         """Start them; returns (ws url of the last, http url of the first, pids)."""
-        database_url = f"sqlite+aiosqlite:///{self.dir / 'bench.db'}"
-        asyncio.run(seed(database_url, self.users))
+        asyncio.run(seed(self.database_url, self.users, self.seed_extra))
         for i in range(self.count):
-            self._start_one(self.port + i, database_url)
+            self._start_one(self.port + i, self.database_url)
         last = self.port + self.count - 1
         return f"ws://127.0.0.1:{last}/ws", f"http://127.0.0.1:{self.port}", [p.pid for p in self.procs]
 
@@ -90,6 +108,7 @@ class Ours:
             FONANA_WS_DATA_DIR=str(self.dir),
             LOG_LEVEL="warning",
         )
+        env.update(self.env)
         cmd = [self.python, "-m", "fonana_ws", "serve"]
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", self.cpus, *cmd]

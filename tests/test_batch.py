@@ -159,8 +159,10 @@ class PublishCutter:
 
         async def upstream() -> None:
             while data := await reader.read(65536):
-                # A batch publishes item by item: one PUBLISH command each (RESP: "$7\r\nPUBLISH\r\n").
-                count = data.upper().count(b"\r\nPUBLISH\r\n")
+                # A batch publishes item by item: one PUBLISH command each (RESP: "$7\r\nPUBLISH\r\n"),
+                # or, to a channel with history (protocol §7.8), one script that publishes.
+                upper = data.upper()
+                count = sum(upper.count(b"\r\n" + cmd + b"\r\n") for cmd in (b"PUBLISH", b"EVALSHA", b"EVAL"))
                 if count and self.published + count > self.allow:
                     break
                 self.published += count

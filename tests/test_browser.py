@@ -29,7 +29,7 @@ import websockets
 
 from fonana_ws.auth import create_token
 
-from .conftest import ANY_ISO, API_KEY, Server, need_service
+from .conftest import ANY_ISO, API_KEY, Server, need_service, without_history
 
 pytestmark = pytest.mark.timeout(720)
 
@@ -282,7 +282,11 @@ async def open_socket(page: Page, server: Server, name: str, token: str, frames:
 
 
 async def socket_state(page: Page, name: str) -> dict[str, Any]:
-    return await page.eval(f"window.fws[{js(name)}]")
+    """The page's socket ``name``: its messages (without their history fields, ``without_history``)."""
+    state = await page.eval(f"window.fws[{js(name)}]")
+    if isinstance(state, dict) and isinstance(state.get("messages"), list):
+        state["messages"] = [without_history(m) for m in state["messages"]]
+    return state
 
 
 async def wait_messages(page: Page, name: str, count: int) -> list[dict[str, Any]]:

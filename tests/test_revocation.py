@@ -41,9 +41,8 @@ async def connect(url: str, user: str) -> Client:
 async def subscribe(client: Client, post_id: str) -> None:
     channel = {"type": "post", "postId": post_id}
     reply = await client.subscribe(channel)
-    assert reply == {"type": "subscribed", "data": {"channel": channel, "channelKey": f"post_{post_id}"}}, (
-        reply
-    )
+    assert reply["type"] == "subscribed", reply
+    assert (reply["data"]["channel"], reply["data"]["channelKey"]) == (channel, f"post_{post_id}"), reply
 
 
 def revoked(post_id: str) -> dict[str, Any]:
@@ -181,3 +180,29 @@ async def test_the_revoke_route_refuses_what_it_cannot_act_on(pair) -> None:
         answer = await http.post("/api/access/revoke", json=body, headers=AUTH)
         assert answer.status_code == 400, (body, answer.text)
     assert (await http.post("/api/access/revoke", json={"postId": "p"})).status_code == 401
+
+
+async def test_the_cli_revokes_over_http_and_refuses_a_bad_form(pair, tmp_path: Path) -> None:
+    from .conftest import clean_env
+    from .test_disconnect import fonana_ws
+
+    procs, db, http = pair
+    creator, fan = uid("creator"), uid("fan")
+    for user in (creator, fan):
+        await demo.insert_user(db, user, is_creator=user == creator)
+    locked = uid("locked")
+    await demo.insert_post(db, locked, creator, locked=True)
+    sub = uid("sub")
+    await demo.insert_subscription(db, sub, fan, creator)
+    f = await connect(procs[1].ws_url, fan)
+    await subscribe(f, locked)
+    await db.execute('UPDATE subscriptions SET "isActive" = FALSE WHERE id = :id', {"id": sub})
+    env = clean_env(WS_API_KEY=API_KEY)
+    url = ["--url", procs[0].http_url]
+    code, out, err = await fonana_ws(
+        "revoke", "--user", fan, "--creator", creator, *url, cwd=tmp_path, env=env
+    )
+    assert code == 0, (out, err)
+    assert await f.recv() == revoked(locked)
+    code, out, err = await fonana_ws("revoke", "--creator", creator, *url, cwd=tmp_path, env=env)
+    assert code == 2 and "--post" in err, (out, err)

@@ -206,6 +206,9 @@ async def test_churn_soak_leaves_resources_flat(tmp_path: Path) -> None:
         "FONANA_WS_DATA_DIR": str(tmp_path / "data"),
         "WS_HOST": "127.0.0.1",
         "LOG_LEVEL": "warning",  # one line per connection would be ~100k lines in a long soak
+        # Every cycle publishes to a fresh key, and each key's history is kept WS_HISTORY_TTL after its
+        # last event: short here, so that the soak also shows that kept history is let go of.
+        "WS_HISTORY_TTL": "3",
     }
     warm_seconds = SOAK_SECONDS * WARMUP
     tally = Tally()

@@ -76,10 +76,11 @@ def token(
     sys.stdout.write(create_token(settings.jwt_secret, user, parse_duration(expires)) + "\n")
 
 
-from . import disconnect, ops, send  # noqa: E402  (commands register on the app above)
+from . import disconnect, ops, revoke, send  # noqa: E402  (commands register on the app above)
 
 app.add_typer(send.app, name="send")
 app.command("disconnect")(disconnect.disconnect)
+app.command("revoke")(revoke.revoke)
 ops.register(app)
 
 

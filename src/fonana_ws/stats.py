@@ -61,6 +61,11 @@ class Stats:
     recheck_seconds: float = 0.0
     #: Re-checks that could not be made (database down): those subscribers kept their channel.
     revoke_failures: int = 0
+    #: Channel events given an offset and kept for recovery (protocol §7.8).
+    history_appends: int = 0
+    #: Subscribes with ``since`` that got their missed events, and those told ``recovered: false``.
+    recoveries: int = 0
+    recoveries_refused: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -10,8 +10,12 @@ import pytest
 from fonana_ws.protocol import frames
 from fonana_ws.protocol.session import (
     MAX_CONVERSATIONS,
+    CatchUp,
     CheckAccess,
     CheckConversation,
+    CheckToken,
+    Close,
+    Expire,
     Join,
     Leave,
     Pending,
@@ -405,7 +409,8 @@ def subscribe_frame(channel: Any, presence: Any) -> str:
 def join_watching(session: Session, channel: dict[str, Any], key: str, presence: Any = True) -> list[Any]:
     """A subscribe with ``"presence"``, all the way through; the actions after the join."""
     assert session.receive(subscribe_frame(channel, presence)) == [CheckAccess(key)]
-    assert session.access_decided(key, True) == [Join(key)]
+    watched = presence is True and key.split("_")[0] in ("creator", "post", "conversation")
+    assert session.access_decided(key, True) == [Join(key, None, watched)]
     return session.joined(key, True)
 
 
@@ -520,3 +525,67 @@ def test_a_failed_join_with_presence_watches_nothing() -> None:
     session.access_decided("creator_c1", True)
     assert replies(session.joined("creator_c1", False))[0]["data"]["message"] == frames.SUBSCRIBE_FAILED
     assert not session.watching
+
+
+# -- token refresh (§7.6) and recovery (§7.8) -----------------------------------------------------------
+
+
+
+def test_a_refresh_frame_asks_for_its_token_to_be_checked() -> None:
+    session = Session(USER, 10)
+    assert session.receive(orjson.dumps({"type": "refresh", "token": "t.o.k"})) == [CheckToken("t.o.k")]
+
+
+def test_a_good_refresh_answers_refreshed_and_moves_the_expiry() -> None:
+    session = Session(USER, 10)
+    actions = session.token_checked(USER, 1_800_000_000.5)
+    assert actions == [Reply(frames.refreshed(1_800_000_000.5)), Expire(1_800_000_000.5)]
+    assert orjson.loads(actions[0].text) == {
+        "type": "refreshed",
+        "data": {"expiresAt": "2027-01-15T08:00:00.500Z"},
+    }
+
+
+def test_a_bad_refresh_is_an_error_and_keeps_the_expiry() -> None:
+    assert replies(Session(USER, 10).token_checked(None, None)) == [
+        {"type": "error", "data": {"message": "Invalid token"}}
+    ]
+
+
+def test_another_user_s_token_closes_1008() -> None:
+    assert Session(USER, 10).token_checked("u2", 1.0) == [Close(1008, "Unauthorized: token for another user")]
+
+
+def test_since_goes_with_the_join_and_catch_up_follows_subscribed() -> None:
+    session = Session(USER, 10)
+    channel = {"type": "post", "postId": "p1"}
+    session.receive(
+        orjson.dumps({"type": "subscribe", "channel": channel, "since": {"offset": 7, "epoch": "e"}})
+    )
+    assert session.access_decided("post_p1", True) == [Join("post_p1", (7, "e"))]
+    actions = session.joined("post_p1", True, ("e", 9), True, catch_up=True)
+    assert actions[1] == CatchUp("post_p1")
+    assert orjson.loads(actions[0].text)["data"] == {
+        "channel": channel,
+        "channelKey": "post_p1",
+        "offset": 9,
+        "epoch": "e",
+        "recovered": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        [],
+        {"offset": -1, "epoch": "e"},
+        {"epoch": "e"},
+        {"offset": 1.5, "epoch": "e"},
+        {"offset": 1, "epoch": ""},
+    ],
+)
+def test_a_malformed_since_is_invalid_format(since: Any) -> None:
+    channel = {"type": "post", "postId": "p1"}
+    session = Session(USER, 10)
+    answer = replies(session.receive(orjson.dumps({"type": "subscribe", "channel": channel, "since": since})))
+    assert answer == [{"type": "error", "data": {"message": "Invalid message format"}}]

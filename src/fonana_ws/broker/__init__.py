@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from urllib.parse import urlparse
 
 from broadcaster import Broadcast, BroadcastBackend
 
 from fonana_ws.broker.base import BrokerUnavailable, PayloadTooLarge, backend_is_up, mask_url
+from fonana_ws.broker.history import HistoryLimits, Position, Replay, Target
 
 __all__ = ["Broker", "BrokerUnavailable", "PayloadTooLarge", "create_backend", "mask_url"]
 
@@ -67,6 +69,8 @@ class Broker:
         self.backend = backend or create_backend(url)
         self.broadcast = FanoutBroadcast(self.backend, _drop)
         self.kind = urlparse(url).scheme.split("+")[0]
+        # A backend without history keeps nothing: one epoch per Broker, never matching an older one.
+        self._no_history_epoch = uuid.uuid4().hex[:12]
 
     @property
     def is_up(self) -> bool:
@@ -112,6 +116,38 @@ class Broker:
         # A backend without a batch (another BroadcastBackend handed in): one publish each.
         for channel, message in items:
             await self.backend.publish(channel, message)
+
+    async def publish_targets(self, targets: Sequence[Target], limits: HistoryLimits) -> list[int | None]:
+        """Publish every target in one broker round trip, all or none, like ``publish_many``; return
+        each target's offset (None for a target without history).
+
+        A target with ``key`` (and ``limits.enabled``) gets the key's next offset, stored and published
+        in one atomic step of the backend (``broker.history``); the others are published as they are.
+        A backend without history (another ``BroadcastBackend`` handed in) publishes them all as they are.
+        """
+        if not targets:
+            return []
+        if not self.is_up:
+            raise BrokerUnavailable("broker is down")
+        publish = getattr(self.backend, "publish_targets", None)
+        if publish is None:
+            await self.publish_many([(t.channel, t.envelope) for t in targets])
+            return [None] * len(targets)
+        return await publish(targets, limits)
+
+    async def history_position(self, key: str, limits: HistoryLimits) -> Position:
+        """The key's epoch and last offset (0 when nothing was published yet under this epoch)."""
+        position = getattr(self.backend, "history_position", None)
+        if position is None:
+            return Position(self._no_history_epoch, 0)
+        return await position(key, limits)
+
+    async def history_since(self, key: str, offset: int, epoch: str, limits: HistoryLimits) -> Replay:
+        """The key's events after ``offset`` in order, or ``events=None`` when they cannot all be given."""
+        since = getattr(self.backend, "history_since", None)
+        if since is None:
+            return Replay(self._no_history_epoch, 0, None)
+        return await since(key, offset, epoch, limits)
 
     async def subscribe(self, channel: str) -> None:
         await self.backend.subscribe(channel)

@@ -6,6 +6,12 @@ to LISTEN as they are (truncated past 63 bytes) and cannot send payloads of 8000
 This one serializes every operation on its listen connection, hashes
 channel names into LISTEN identifiers, moves large payloads through a table of its own, and
 reconnects with backoff, listening again on every channel still in use.
+
+History (protocol §7.8) lives in two UNLOGGED tables of schema ``fonana_ws``, made on first use with the
+functions that work on them: ``history_keys`` (key, epoch, last offset, expiry) and ``history_events``
+(key, offset, event text, time). UNLOGGED: no WAL for a cache of the last minutes; a crash (or a
+failover) empties both tables together, which is a new epoch for every key, exactly what a lost history
+must be. A clean restart keeps them, and the epochs with them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,6 +37,7 @@ from fonana_ws.broker.base import (
     mask_url,
     within,
 )
+from fonana_ws.broker.history import HistoryLimits, Position, Replay, Target
 
 logger = logging.getLogger("fonana_ws.broker")
 
@@ -80,6 +88,124 @@ SELECT count(*) FROM (
     FROM items ORDER BY ord
 ) AS sent
 """
+# The history tables and functions (the _v1 suffix lets a later layout live beside this one).
+# history_key_v1 makes the key's row if missing, locks it, and starts a new epoch once it was idle past
+# ttl. history_publish_v1 locks every key of the call first, in key order, so that two concurrent calls
+# never deadlock, then for each target in order: bumps the offset, stores the event, trims the key by
+# size and age, and notifies exactly as publish() does (the same identifier and inline/stored framing).
+# NOTIFYs reach listeners at COMMIT in commit order, and the key's row lock is held until then, so
+# every listener sees a key's offsets in order.
+_CREATE_HISTORY = f"""
+CREATE UNLOGGED TABLE IF NOT EXISTS fonana_ws.history_keys (
+    key text PRIMARY KEY,
+    epoch text NOT NULL,
+    last_offset bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE UNLOGGED TABLE IF NOT EXISTS fonana_ws.history_events (
+    key text NOT NULL,
+    "offset" bigint NOT NULL,
+    event text NOT NULL,
+    created_at timestamptz NOT NULL,
+    PRIMARY KEY (key, "offset")
+);
+CREATE OR REPLACE FUNCTION fonana_ws.history_key_v1(
+    p_key text, p_epoch text, p_ttl double precision, OUT o_epoch text, OUT o_offset bigint
+) LANGUAGE plpgsql AS $$
+DECLARE
+    expiry timestamptz;
+BEGIN
+    INSERT INTO fonana_ws.history_keys (key, epoch, last_offset, expires_at)
+    VALUES (p_key, p_epoch, 0, clock_timestamp() + make_interval(secs => p_ttl))
+    ON CONFLICT (key) DO NOTHING;
+    SELECT epoch, last_offset, expires_at INTO o_epoch, o_offset, expiry
+    FROM fonana_ws.history_keys WHERE key = p_key FOR UPDATE;
+    IF expiry < clock_timestamp() THEN
+        UPDATE fonana_ws.history_keys
+        SET epoch = p_epoch, last_offset = 0, expires_at = clock_timestamp() + make_interval(secs => p_ttl)
+        WHERE key = p_key;
+        DELETE FROM fonana_ws.history_events WHERE key = p_key;
+        o_epoch := p_epoch;
+        o_offset := 0;
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION fonana_ws.history_publish_v1(
+    p_keys text[], p_idents text[], p_channels text[], p_envelopes text[], p_events text[],
+    p_epochs text[], p_size integer, p_ttl double precision
+) RETURNS bigint[] LANGUAGE plpgsql AS $$
+DECLARE
+    ttl interval := make_interval(secs => p_ttl);
+    offsets bigint[] := '{{}}';
+    k text;
+    i integer;
+    n bigint;
+    at timestamptz;
+    message text;
+    row_id bigint;
+BEGIN
+    FOR k IN SELECT DISTINCT x FROM unnest(p_keys) AS x WHERE x IS NOT NULL ORDER BY x LOOP
+        PERFORM fonana_ws.history_key_v1(k, p_epochs[array_position(p_keys, k)], p_ttl);
+    END LOOP;
+    FOR i IN 1 .. coalesce(array_length(p_channels, 1), 0) LOOP
+        n := NULL;
+        message := p_envelopes[i];
+        IF p_keys[i] IS NOT NULL THEN
+            at := clock_timestamp();
+            UPDATE fonana_ws.history_keys SET last_offset = last_offset + 1, expires_at = at + ttl
+            WHERE key = p_keys[i] RETURNING last_offset INTO n;
+            INSERT INTO fonana_ws.history_events (key, "offset", event, created_at)
+            VALUES (p_keys[i], n, left(p_events[i], -1) || ',"offset":' || n || '}}', at);
+            DELETE FROM fonana_ws.history_events
+            WHERE key = p_keys[i] AND ("offset" <= n - p_size OR created_at < at - ttl);
+            message := left(message, -2) || ',"offset":' || n || '}}}}';
+        END IF;
+        IF octet_length(message) + {len(_INLINE)} >= {_NOTIFY_MAX} THEN
+            INSERT INTO fonana_ws.broker_payloads (channel, payload) VALUES (p_channels[i], message)
+            RETURNING id INTO row_id;
+            PERFORM pg_notify(p_idents[i], '{_STORED}' || row_id);
+        ELSE
+            PERFORM pg_notify(p_idents[i], '{_INLINE}' || message);
+        END IF;
+        offsets := array_append(offsets, n);
+    END LOOP;
+    RETURN offsets;
+END $$;
+CREATE OR REPLACE FUNCTION fonana_ws.history_since_v1(
+    p_key text, p_epoch text, p_ttl double precision, p_after bigint, p_asked text,
+    OUT o_epoch text, OUT o_offset bigint, OUT o_events text[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    kept bigint;
+    first_offset bigint;
+    oldest timestamptz;
+BEGIN
+    SELECT k.o_epoch, k.o_offset INTO o_epoch, o_offset
+    FROM fonana_ws.history_key_v1(p_key, p_epoch, p_ttl) AS k;
+    IF o_epoch <> p_asked OR p_after > o_offset OR p_after < 0 THEN
+        RETURN;
+    END IF;
+    SELECT coalesce(array_agg(event ORDER BY "offset"), '{{}}'), count(*), min("offset"), min(created_at)
+    INTO o_events, kept, first_offset, oldest
+    FROM fonana_ws.history_events WHERE key = p_key AND "offset" > p_after AND "offset" <= o_offset;
+    IF kept <> o_offset - p_after OR (kept > 0 AND (first_offset <> p_after + 1
+            OR oldest < clock_timestamp() - make_interval(secs => p_ttl))) THEN
+        o_events := NULL;
+    END IF;
+END $$;
+"""
+_HISTORY_READY = (
+    "SELECT to_regprocedure('fonana_ws.history_since_v1(text,text,double precision,bigint,text)') IS NOT NULL"
+)
+_PUBLISH_TARGETS = (
+    "SELECT fonana_ws.history_publish_v1($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::text[], $7::integer, $8::double precision)"
+)
+# Keys idle past their ttl, and their events (an active key's old events go at each append).
+_DELETE_IDLE_HISTORY = """
+WITH gone AS (DELETE FROM fonana_ws.history_keys WHERE expires_at < now() RETURNING key)
+DELETE FROM fonana_ws.history_events WHERE key IN (SELECT key FROM gone)
+"""
+
 # Bytes of messages per statement of a batch: far below the 1 GB limit of one value (a text[]) or message.
 _BATCH_BYTES = 64 * 1024 * 1024
 
@@ -152,6 +278,7 @@ class PostgresBackend(Supervised, BroadcastBackend):
         self._lost = asyncio.Event()
         self._lost_reason: BaseException | str = ""
         self._session_was_up = False
+        self._history_ready = False  # the history tables and functions are known to exist
 
     @property
     def is_up(self) -> bool:
@@ -254,6 +381,91 @@ class PostgresBackend(Supervised, BroadcastBackend):
             if is_down_error(exc):
                 raise BrokerUnavailable(f"PostgreSQL publish failed: {describe(exc)}") from exc
             raise
+
+    async def _ensure_history(self, pool: asyncpg.Pool) -> None:
+        """Create the history tables and functions on first use (checked first: CREATE needs rights)."""
+        if self._history_ready:
+            return
+        async with pool.acquire() as conn:
+            if not await conn.fetchval(_HISTORY_READY):
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('fonana_ws.history'))")
+                    await conn.execute(_CREATE_HISTORY)
+        self._history_ready = True
+
+    async def _history_pool(self) -> asyncpg.Pool:
+        pool = self._pool
+        if not self.is_up or pool is None:
+            raise BrokerUnavailable("PostgreSQL is unreachable")
+        return pool
+
+    async def publish_targets(self, targets: Sequence[Target], limits: HistoryLimits) -> list[int | None]:
+        """Publish every target in one statement and transaction, all or none; return the offsets.
+
+        Without history (no key, or ``limits`` off) a target is published as publish_many publishes
+        it. With history, ``fonana_ws.history_publish_v1`` gives it the key's next offset under the
+        key's row lock, stores and trims, and notifies in the same transaction.
+        """
+        history = limits.enabled and any(t.key for t in targets)
+        for t in targets:
+            self._size(t.envelope)
+            if history and t.key:
+                self._size(t.event)
+                if not (t.envelope.endswith("}}") and t.event.endswith("}")):
+                    raise ValueError(f"target for {t.key!r}: envelope must end with }}}} and event with }}")
+        if not history:
+            await self.publish_many([(t.channel, t.envelope) for t in targets])
+            return [None] * len(targets)
+        pool = await self._history_pool()
+        args = (
+            [t.key or None for t in targets],
+            [channel_ident(t.channel) for t in targets],
+            [t.channel for t in targets],
+            [t.envelope for t in targets],
+            [t.event if t.key else "" for t in targets],
+            [uuid.uuid4().hex[:12] if t.key else "" for t in targets],
+            limits.size,
+            float(limits.ttl),
+        )
+        try:
+            async with within(self._op_timeout, f"PostgreSQL publish of {len(targets)} targets"):
+                await self._ensure_history(pool)
+                offsets = await pool.fetchval(_PUBLISH_TARGETS, *args)
+        except Exception as exc:
+            if is_down_error(exc):
+                raise BrokerUnavailable(f"PostgreSQL publish failed: {describe(exc)}") from exc
+            raise
+        return list(offsets)
+
+    async def _history_row(self, query: str, *args: Any) -> asyncpg.Record:
+        pool = await self._history_pool()
+        try:
+            async with within(self._op_timeout, "PostgreSQL history"):
+                await self._ensure_history(pool)
+                return await pool.fetchrow(query, *args)
+        except Exception as exc:
+            if is_down_error(exc):
+                raise BrokerUnavailable(f"PostgreSQL history failed: {describe(exc)}") from exc
+            raise
+
+    async def history_position(self, key: str, limits: HistoryLimits) -> Position:
+        """The key's epoch and last offset; makes the epoch (offset 0) when the key has none."""
+        query = "SELECT * FROM fonana_ws.history_key_v1($1, $2, $3)"
+        row = await self._history_row(query, key, uuid.uuid4().hex[:12], float(limits.ttl))
+        return Position(row["o_epoch"], row["o_offset"])
+
+    async def history_since(self, key: str, offset: int, epoch: str, limits: HistoryLimits) -> Replay:
+        """The key's events after ``offset`` as stored, read under the key's lock (one moment)."""
+        row = await self._history_row(
+            "SELECT * FROM fonana_ws.history_since_v1($1, $2, $3, $4, $5)",
+            key,
+            uuid.uuid4().hex[:12],
+            float(limits.ttl),
+            offset,
+            epoch,
+        )
+        events = row["o_events"]
+        return Replay(row["o_epoch"], row["o_offset"], list(events) if events is not None else None)
 
     async def next_published(self) -> Event:
         """The next message, in order; waits through outages and raises only after disconnect()."""
@@ -400,6 +612,8 @@ class PostgresBackend(Supervised, BroadcastBackend):
         try:
             async with asyncio.timeout(self._op_timeout):
                 await pool.execute(_DELETE_OLD, _KEEP_PAYLOADS)
+                if self._history_ready:
+                    await pool.execute(_DELETE_IDLE_HISTORY)
         except Exception as exc:
             if is_down_error(exc):
                 raise

@@ -374,6 +374,24 @@ class Settings:
         LIMITS,
         "seconds at least between two `presence_count` frames of one channel, on all processes together",
     )
+    #: Events kept per channel for recovery (protocol §7.8); 0 turns history off.
+    history_size: int = setting(
+        "WS_HISTORY_SIZE",
+        Whole(0, 100_000),
+        100,
+        LIMITS,
+        "events kept per post, creator, feed, conversation and notifications channel, for a client that "
+        "resubscribes with `since` (protocol §7.8); 0 turns history and offsets off",
+    )
+    #: Seconds an event is kept for recovery; 0 turns history off.
+    history_ttl: float = setting(
+        "WS_HISTORY_TTL",
+        Number(0.0, 86_400.0),
+        300.0,
+        LIMITS,
+        "seconds an event is kept for recovery; a channel idle longer starts a new history (a new epoch); "
+        "0 turns history and offsets off",
+    )
     #: Inbound frames per connection, in ``limits`` notation.
     client_rate: str = setting(
         "WS_CLIENT_RATE",

@@ -45,6 +45,9 @@ class Hub:
         self.watcher: Callable[[str, dict[str, Any]], None] | None = None
         #: ``on_member(key, user, joined)`` at each connection's join and leave of a key (channel presence).
         self.on_member: Callable[[str, str, bool], None] | None = None
+        #: Key -> the buffers of the recoveries under way (protocol §7.8): each broker message of the key
+        #: is also appended to each, until its connection has caught up (``catch`` / ``caught_up``).
+        self.catching: dict[str, list[list[str | bytes]]] = {}
         #: Connection -> {key it joined: side key it also receives}, for the connections that asked
         #: (a channel's presence frames, ``presence:K``); a side key ends when its key is left.
         self.sides: dict[Connection, dict[str, str]] = {}
@@ -126,6 +129,45 @@ class Hub:
         self.subscriptions.release(env.key_channel(key))
         return True
 
+    async def catch(self, conn: Connection, key: str) -> list[str | bytes]:
+        """Begin ``conn``'s recovering join of ``key``: returns, once this process receives the key's
+        messages, a buffer that collects every one of them from then on. The connection receives nothing
+        of the key until ``caught_up``; ``uncatch`` undoes this instead."""
+        buffer: list[str | bytes] = []
+        self.catching.setdefault(key, []).append(buffer)
+        try:
+            await self.subscriptions.acquire(env.key_channel(key))
+        except BaseException:
+            self._stop_catching(key, buffer)
+            raise
+        return buffer
+
+    def caught_up(self, conn: Connection, key: str, buffer: list[str | bytes]) -> None:
+        """The recovered events are sent: from now on ``conn`` receives ``key`` live (the topic acquired
+        by ``catch`` is its). Call with no await since the buffer was last read."""
+        self._stop_catching(key, buffer)
+        conns = self.by_key.setdefault(key, set())
+        if conn in conns:
+            self.subscriptions.release(env.key_channel(key))  # joined meanwhile: one acquire is enough
+            return
+        conns.add(conn)
+        conn.keys.add(key)
+        if self.on_member is not None:
+            self.on_member(key, conn.user_id, True)
+
+    def uncatch(self, key: str, buffer: list[str | bytes]) -> None:
+        """A recovery given up after ``catch`` returned: its acquire is released."""
+        self._stop_catching(key, buffer)
+        self.subscriptions.release(env.key_channel(key))
+
+    def _stop_catching(self, key: str, buffer: list[str | bytes]) -> None:
+        buffers = self.catching.get(key)
+        if buffers is None:
+            return
+        buffers[:] = [b for b in buffers if b is not buffer]
+        if not buffers:
+            del self.catching[key]
+
     async def add_side(self, conn: Connection, key: str, side: str) -> None:
         """Deliver ``side``'s messages to ``conn`` too, until it leaves ``key`` (which it joined) or
         ``end_side``; returns once this process receives them. ``side`` is no channel of the socket's
@@ -178,6 +220,9 @@ class Hub:
             return
         key = channel[len(env.PREFIX) :]
         self.deliver(self.by_key.get(key), message)
+        if self.catching and key in self.catching:  # one truth test, unless a client is recovering
+            for buffer in self.catching[key]:
+                buffer.append(message)
         if key in self.watched:  # one lookup in an empty dict, unless someone is typing
             self._hand_to_watcher(key, message)
 

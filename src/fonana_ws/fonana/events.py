@@ -40,6 +40,7 @@ from functools import partial
 from typing import Any
 
 from fonana_ws.broker import Broker
+from fonana_ws.broker.history import HistoryLimits
 from fonana_ws.config import Settings, load_settings
 from fonana_ws.db import Store
 from fonana_ws.db import notifications as sql
@@ -713,7 +714,8 @@ async def connect_events(settings: Settings | None = None) -> AsyncIterator[Even
     try:
         await broker.connect()
         try:
-            yield Events(Publisher(broker, max_event_size=settings.max_event_size), store)
+            limits = HistoryLimits(settings.history_size, settings.history_ttl)
+            yield Events(Publisher(broker, max_event_size=settings.max_event_size, history=limits), store)
         finally:
             await broker.disconnect()
     finally:

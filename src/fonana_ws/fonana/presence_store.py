@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -96,12 +97,15 @@ class MemoryPresenceStore(PresenceStore):
         self.process_id = "memory"
         self.grace = grace
         self._present: dict[str, set[str]] = {}
-        #: key -> user -> when they left, pruned past the grace at each change of the key.
+        #: key -> user -> when they left, pruned past the grace at each change of the key; and every
+        #: (key, user) in leave order, so that the leaves of keys nobody touches again go too.
         self._left: dict[str, dict[str, float]] = {}
+        self._leaves: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._claims: dict[str, float] = {}
 
     async def change(self, batch: list[tuple[str, list[str], list[str]]]) -> list[Change]:
         now = time.time()
+        self._forget_old_leaves(now)
         out = []
         for key, enter, leave in batch:
             present = self._present.setdefault(key, set())
@@ -119,6 +123,8 @@ class MemoryPresenceStore(PresenceStore):
                 if user in present:
                     present.discard(user)
                     self._left.setdefault(key, {})[user] = now
+                    self._leaves.pop((key, user), None)
+                    self._leaves[(key, user)] = now
                     gone.append(user)
             out.append(Change(len(present), joined, gone))
             if not present:
@@ -129,6 +135,19 @@ class MemoryPresenceStore(PresenceStore):
 
     async def refresh(self, held: dict[str, list[str]]) -> list[tuple[str, str]]:
         return []
+
+    def _forget_old_leaves(self, now: float) -> None:
+        leaves = self._leaves
+        while leaves:
+            (key, user), at = next(iter(leaves.items()))
+            if now - at < self.grace:
+                break
+            del leaves[(key, user)]
+            left = self._left.get(key)
+            if left is not None and left.get(user) == at:
+                del left[user]
+                if not left:
+                    del self._left[key]
 
     async def members(self, key: str, limit: int) -> tuple[int, list[str]]:
         present = self._present.get(key, set())
@@ -445,6 +464,8 @@ DECLARE
     dead text[];
 BEGIN
     DELETE FROM fonana_ws.channel_presence_claims WHERE until < now() - interval '1 hour';
+    -- Leave times matter for the grace only (at most 600 s): those of keys nobody touches again go here.
+    DELETE FROM fonana_ws.channel_presence_left WHERE left_at < now() - interval '1 hour';
     FOR k IN SELECT DISTINCT c.channel_key FROM fonana_ws.channel_presence c WHERE c.expires_at <= now()
              ORDER BY 1 LIMIT p_batch LOOP
         PERFORM pg_advisory_xact_lock({_PG_LOCK_SPACE}, hashtext(k));

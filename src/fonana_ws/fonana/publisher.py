@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fonana_ws.broker import Broker, PayloadTooLarge
+from fonana_ws.broker.history import HistoryLimits, Target, has_history
 from fonana_ws.protocol import envelope as env
 from fonana_ws.protocol.channels import ChannelError, parse_key
 from fonana_ws.protocol.frames import MAX_EVENT_DEPTH, nested_deeper_than
@@ -33,11 +34,20 @@ def validate_event(event: Any) -> dict[str, Any]:
 class Publisher:
     """The one way events enter the broker from this process (HTTP API, Python API, CLI)."""
 
-    def __init__(self, broker: Broker, stats: Stats | None = None, *, max_event_size: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        stats: Stats | None = None,
+        *,
+        max_event_size: int = 1 << 20,
+        history: HistoryLimits | None = None,
+    ) -> None:
         self.broker = broker
         self.stats = stats or Stats()
         #: The largest encoded envelope, in bytes (``WS_MAX_EVENT_SIZE``); larger raises PayloadTooLarge.
         self.max_event_size = max_event_size
+        #: ``WS_HISTORY_SIZE`` / ``WS_HISTORY_TTL`` (protocol §7.8): channel events get offsets and are kept.
+        self.history = history or HistoryLimits(0, 0)
 
     @timed_publish
     async def publish(
@@ -76,12 +86,18 @@ class Publisher:
             raise PublishError("a channel or a user is required")
         multi = len(targets) > 1 or event_id is not None
         event_id = event_id or env.new_event_id()
-        items = [
-            (broker_channel, env.encode(event, event_id, multi=multi, **where))
-            for broker_channel, where in targets
-        ]
+        kept = self.history.enabled
+        items: list[Target] = []
+        for broker_channel, where in targets:
+            key = where.get("channel")
+            if kept and key is not None and has_history(key):
+                envelope, text = env.encode_with_history(event, event_id, key, multi=multi, **where)
+                items.append(Target(broker_channel, envelope, key, text))
+            else:
+                items.append(Target(broker_channel, env.encode(event, event_id, multi=multi, **where)))
         try:
-            for _, message in items:
+            for item in items:
+                message = item.envelope
                 # A character is at most 4 bytes in UTF-8: most envelopes need no encoding to be measured.
                 if (
                     len(message) * 4 > self.max_event_size
@@ -93,7 +109,12 @@ class Publisher:
             # One round trip and one transaction for all targets (post_created fans out to every paying
             # subscriber's feed): never a pool connection per target, never a partial delivery. Each
             # connection still gets the event once (shared id, "multi").
-            await self.broker.publish_many(items)
+            if kept and any(item.key is not None for item in items):
+                # Offsets, storage and publish in one atomic step per target, all targets in one round.
+                await self.broker.publish_targets(items, self.history)
+                self.stats.history_appends += sum(item.key is not None for item in items)
+            else:
+                await self.broker.publish_many([(item.channel, item.envelope) for item in items])
         except Exception:  # counted as failures: broker down, too large (as the metric says)
             self.stats.publish_failures += 1
             raise

@@ -56,6 +56,8 @@ class ClientFrame:
     presence: bool = False
     #: A refresh frame's token (§7.6).
     token: str = ""
+    #: A subscribe frame's ``"since": {"offset": N, "epoch": E}`` (§7.8), as (N, E).
+    since: tuple[int, str] | None = None
 
 
 def nested_deeper_than(value: Any, limit: int) -> bool:
@@ -100,7 +102,8 @@ def parse_frame(text: str | bytes) -> ClientFrame:
         presence = data.get("presence", False) if kind == "subscribe" else False
         if not isinstance(presence, bool):
             raise FrameError("presence must be true or false")
-        return ClientFrame(kind, data["channel"], presence=presence)
+        since = _since(data["since"]) if kind == "subscribe" and "since" in data else None
+        return ClientFrame(kind, data["channel"], presence=presence, since=since)
     if kind == "typing":
         return _typing_frame(data)
     if kind == "refresh":
@@ -109,6 +112,19 @@ def parse_frame(text: str | bytes) -> ClientFrame:
             raise FrameError(f"token must be a string of 1 to {MAX_TOKEN_LENGTH} characters")
         return ClientFrame("refresh", token=token)
     raise FrameError("unknown type")
+
+
+def _since(value: Any) -> tuple[int, str]:
+    """``{"offset": N, "epoch": E}``: N a whole number of at most 2**53 (what a browser counts exactly),
+    E a string of 1 to 64 characters."""
+    if not isinstance(value, dict):
+        raise FrameError("since must be an object")
+    offset, epoch = value.get("offset"), value.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= 2**53:
+        raise FrameError("since.offset must be a whole number")
+    if not isinstance(epoch, str) or not 1 <= len(epoch) <= 64:
+        raise FrameError("since.epoch must be a string of 1 to 64 characters")
+    return offset, epoch
 
 
 def _typing_frame(data: dict[str, Any]) -> ClientFrame:
@@ -150,8 +166,21 @@ def refreshed(expires_at: float | None) -> str:
 PONG = dumps({"type": "pong"})
 
 
-def subscribed(channel: Any, key: str) -> str:
-    return dumps({"type": "subscribed", "data": {"channel": channel, "channelKey": key}})
+def subscribed(
+    channel: Any,
+    key: str,
+    position: tuple[str, int] | None = None,
+    recovered: bool | None = None,
+) -> str:
+    """``subscribed``; for a channel with history also its ``offset`` and ``epoch`` (protocol §7.8) and,
+    for a subscribe that asked to recover, whether it could."""
+    data: dict[str, Any] = {"channel": channel, "channelKey": key}
+    if position is not None:
+        data["offset"] = position[1]
+        data["epoch"] = position[0]
+    if recovered is not None:
+        data["recovered"] = recovered
+    return dumps({"type": "subscribed", "data": data})
 
 
 def unsubscribed(channel: Any, key: str) -> str:

@@ -57,7 +57,22 @@ class CheckAccess:
 
 @dataclass(frozen=True, slots=True)
 class Join:
-    """Join ``key`` in the hub and wait until the process receives its events; answer ``joined``."""
+    """Join ``key`` in the hub and wait until the process receives its events; answer ``joined``.
+
+    ``since`` is the subscribe's ``(offset, epoch)`` to recover from (protocol §7.8), or None;
+    ``presence`` that it asked for presence frames, which the driver starts to receive before the join
+    itself, so that the socket's own arrival is announced to it too (§7.4).
+    """
+
+    key: str
+    since: tuple[int, str] | None = None
+    presence: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CatchUp:
+    """Send the events recovered for ``key``, then those that arrived during the recovery, then go live:
+    right after ``subscribed``, with no I/O in between (so nothing can come between them)."""
 
     key: str
 
@@ -158,6 +173,7 @@ Action = (
     | CheckToken
     | Expire
     | Close
+    | CatchUp
 )
 
 #: Conversations one socket remembers the access check of (protocol §7.2: once per connection and
@@ -181,6 +197,7 @@ class Pending(NamedTuple):
     channel: Any
     allowed: bool = False
     presence: bool = False
+    since: tuple[int, str] | None = None
 
 
 class PendingTyping(NamedTuple):
@@ -260,7 +277,7 @@ class Session:
             reason = f"subscription limit ({limit}) reached"
             return [Reply(error(SUBSCRIBE_FAILED, channel, reason=reason))]
         # Joined already: asked again all the same, so that a repeat answers as the first one did.
-        self.pending = Pending(key, channel, presence=frame.presence)
+        self.pending = Pending(key, channel, presence=frame.presence, since=frame.since)
         return [CheckAccess(key)]
 
     def access_decided(self, key: str, allowed: bool) -> list[Action]:
@@ -268,7 +285,7 @@ class Session:
         pending = self._expect(key, allowed=False)
         if allowed:
             self.pending = pending._replace(allowed=True)
-            return [Join(key)]
+            return [Join(key, pending.since, pending.presence and has_presence(key))]
         self.pending = None
         return [Reply(error(ACCESS_DENIED, pending.channel))]
 
@@ -278,14 +295,28 @@ class Session:
         self.pending = None
         return [Reply(error(SUBSCRIBE_FAILED, pending.channel))]
 
-    def joined(self, key: str, ok: bool) -> list[Action]:
-        """The hub's join of the pending subscribe succeeded (``ok``) or failed (broker)."""
+    def joined(
+        self,
+        key: str,
+        ok: bool,
+        position: tuple[str, int] | None = None,
+        recovered: bool | None = None,
+        catch_up: bool = False,
+    ) -> list[Action]:
+        """The hub's join of the pending subscribe succeeded (``ok``) or failed (broker).
+
+        For a channel with history, ``position`` is its (epoch, last offset) and ``recovered`` whether the
+        asked ``since`` could be honoured (None: not asked); ``catch_up`` that the driver holds events to
+        send right after ``subscribed`` (``CatchUp``).
+        """
         pending = self._expect(key, allowed=True)
         self.pending = None
         if not ok:
             return [Reply(error(SUBSCRIBE_FAILED, pending.channel))]
         self.keys.add(key)
-        actions: list[Action] = [Reply(subscribed(pending.channel, key))]
+        actions: list[Action] = [Reply(subscribed(pending.channel, key, position, recovered))]
+        if catch_up:
+            actions.append(CatchUp(key))
         watching = self.watching
         if pending.presence and has_presence(key):
             if watching is None:

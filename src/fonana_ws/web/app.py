@@ -11,6 +11,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from fonana_ws.broker import Broker, mask_url
+from fonana_ws.broker.history import HistoryLimits
 from fonana_ws.config import Settings, load_settings
 from fonana_ws.db import Store
 from fonana_ws.db.demo import DEMO_USERS, seed_demo
@@ -39,7 +40,12 @@ def build_services(settings: Settings) -> Services:
         store=Store(settings.database_url, user_cache_ttl=settings.user_cache_ttl),
         broker=broker,
         hub=Hub(broker, stats),
-        publisher=Publisher(broker, stats, max_event_size=settings.max_event_size),
+        publisher=Publisher(
+            broker,
+            stats,
+            max_event_size=settings.max_event_size,
+            history=HistoryLimits(settings.history_size, settings.history_ttl),
+        ),
         stats=stats,
         rate_limits=RateLimits(settings),
         user_connections=user_connections.for_settings(settings),

@@ -19,6 +19,7 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket
 
 from fonana_ws.auth import AuthError, fingerprint, token_from_scope, verify_with
+from fonana_ws.broker.history import has_history
 from fonana_ws.fanout.connection import Connection
 from fonana_ws.fanout.deadlines import Deadlines
 from fonana_ws.fonana.policy import may_subscribe
@@ -26,10 +27,12 @@ from fonana_ws.fonana.presence import topic_key
 from fonana_ws.fonana.typing import Typing
 from fonana_ws.logs import lifecycle
 from fonana_ws.net import client_address
+from fonana_ws.protocol import envelope as env
 from fonana_ws.protocol import frames as protocol
 from fonana_ws.protocol.channels import channel_type
 from fonana_ws.protocol.session import (
     Action,
+    CatchUp,
     CheckAccess,
     CheckConversation,
     CheckToken,
@@ -101,6 +104,9 @@ class FonanaEndpoint(WebSocketEndpoint):
     expires_at: float | None = None
     #: The access check just made allows until then (epoch seconds): a subscription's ``validUntil``.
     allowed_until: float | None = None
+    #: A recovery between its ``Join`` and its ``CatchUp``: (key, live buffer, recovered events, their last
+    #: offset).
+    catching: tuple[str, list[Any], list[str], int] | None = None
 
     @property
     def services(self) -> Services:
@@ -300,8 +306,10 @@ class FonanaEndpoint(WebSocketEndpoint):
                     conn.send_text(text)
                 case CheckAccess(key):
                     todo.extend(await self._check_access(conn, session, key))
-                case Join(key):
-                    todo.extend(await self._join(conn, session, key))
+                case Join(key, since, presence):
+                    todo.extend(await self._join(conn, session, key, since, presence))
+                case CatchUp(key):
+                    self._catch_up(conn, key)
                 case Leave(key):
                     self.services.hub.leave(conn, key)
                 case SendUnread():
@@ -360,18 +368,82 @@ class FonanaEndpoint(WebSocketEndpoint):
             )
         return session.conversation_found(conversation_id, participants)
 
-    async def _join(self, conn: Connection, session: Session, key: str) -> list[Action]:
+    async def _join(
+        self,
+        conn: Connection,
+        session: Session,
+        key: str,
+        since: tuple[int, str] | None,
+        presence: bool = False,
+    ) -> list[Action]:
+        hub = self.services.hub
+        limits = self.services.publisher.history
+        kept = limits.enabled and has_history(key)
+        position: tuple[str, int] | None = None
+        recovered: bool | None = None
+        catch_up = False
+        if presence:
+            await self._watch_presence(conn, key, True)  # listening before the join is announced
         try:
-            await self.services.hub.join(conn, key)
+            if kept and since is not None and key not in conn.keys:
+                # Live first, into a buffer; then the history; CatchUp merges the two by offset.
+                buffer = await hub.catch(conn, key)
+                try:
+                    replay = await self.services.broker.history_since(key, since[0], since[1], limits)
+                except BaseException:
+                    hub.uncatch(key, buffer)
+                    raise
+                self.catching = (key, buffer, replay.events or [], replay.offset)
+                position, recovered, catch_up = (replay.epoch, replay.offset), replay.events is not None, True
+                if recovered:
+                    self.services.stats.recoveries += 1
+                else:
+                    self.services.stats.recoveries_refused += 1
+            else:
+                await hub.join(conn, key)
         except Exception as exc:
             log.error("subscribe failed conn=%s key=%s: %s", conn.id, key, exc)
+            if presence and key not in conn.keys:
+                hub.end_side(conn, key)
             return session.joined(key, False)
+        if kept and not catch_up:
+            try:
+                found = await self.services.broker.history_position(key, limits)
+                position = (found.epoch, found.offset)
+            except Exception as exc:  # subscribed all the same, without a position to recover from
+                log.warning("history position of %s unknown: %s", key, exc)
+            if since is not None:  # joined already: what it missed was delivered live
+                recovered = False
+                self.services.stats.recoveries_refused += 1
         self.services.stats.subscriptions[channel_type(key)] += 1
         until, self.allowed_until = self.allowed_until, None
         revocation = self.services.revocation
         if until is not None and revocation is not None:
             revocation.allowed_until(conn, key, until)
-        return session.joined(key, True)
+        return session.joined(key, True, position, recovered, catch_up)
+
+    def _catch_up(self, conn: Connection, key: str) -> None:
+        """Send the recovered events, then the live ones caught meanwhile that are newer, then go live.
+
+        No await from here to ``caught_up``: every message of the key is in the buffer or goes live.
+        """
+        caught, self.catching = self.catching, None
+        assert caught is not None and caught[0] == key, "CatchUp without its recovery"
+        _, buffer, events, last = caught
+        for text in events:
+            conn.send_text(text)
+        for message in buffer:
+            try:
+                envelope = env.decode(message)
+            except env.EnvelopeError:
+                continue
+            offset = envelope.event.get("offset")
+            if isinstance(offset, int) and offset <= last:
+                continue  # in the history already sent
+            if envelope.control is not None or (envelope.multi and conn.seen_multi(envelope.id)):
+                continue
+            conn.send_text(protocol.dumps(envelope.event))
+        self.services.hub.caught_up(conn, key, buffer)
 
     async def _send_status(self, conn: Connection, user_id: str) -> None:
         status = self.services.status

@@ -116,6 +116,9 @@ def snapshot(services: Services) -> dict[str, Any]:
             "access_revoked": stats.access_revoked,
             "access_rechecks": stats.access_rechecks,
             "revoke_failures": stats.revoke_failures,
+            "history_appends": stats.history_appends,
+            "recoveries": stats.recoveries,
+            "recoveries_refused": stats.recoveries_refused,
         },
         "typing": typing_numbers(stats),
         "publish_seconds": {
@@ -289,6 +292,9 @@ class FonanaCollector(Collector):
             ("access_revoked", "Subscribers who lost a post channel (a revoke call, an ended subscription)."),
             ("access_rechecks", "Access re-checks made, one per affected post channel (protocol §7.7)."),
             ("revoke_failures", "Access re-checks that could not be made (database down)."),
+            ("history_appends", "Channel events given an offset and kept for recovery (protocol §7.8)."),
+            ("recoveries", "Subscribes with since that received the events they missed."),
+            ("recoveries_refused", "Subscribes with since told recovered: false (refetch over REST)."),
         ):
             yield CounterMetricFamily(p + name, text, snap["totals"][name])
 

@@ -1,0 +1,69 @@
+"""``fonana-ws revoke``: check a post's access rule again now, for the subscribers concerned, everywhere.
+
+Three forms, as ``POST /api/access/revoke``: ``--user U --creator C`` (a subscription ended or was
+refunded), ``--post P`` (a post locked, re-tiered or deleted), ``--user U --post P`` (a purchase
+refunded). By default a POST to a running server with the API key; with ``--broker`` the control message
+itself, on ``BROADCAST_URL``/``REDIS_URL``. Prints the server's answer; a refusal exits 1 (2 for a bad
+option or setting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import typer
+
+from .common import describe_error, out, settings_or_exit
+from .send import ApiKey, Url, ViaBroker, err, fail, via_http
+
+
+def revoke(
+    user: str = typer.Option(None, "--user", "-u", help="The user whose access shrank."),
+    creator: str = typer.Option(None, "--creator", help="With --user: their subscription to this creator."),
+    post: str = typer.Option(None, "--post", help="The post whose access shrank (alone, or with --user)."),
+    url: Url = None,
+    api_key: ApiKey = None,
+    broker: ViaBroker = False,
+) -> None:
+    """Unsubscribe, on every process, the post subscribers who are no longer allowed (access revoked)."""
+    body = {k: v for k, v in (("userId", user), ("creatorId", creator), ("postId", post)) if v is not None}
+    forms = ({"userId", "creatorId"}, {"postId"}, {"userId", "postId"})
+    if set(body) not in forms:
+        raise typer.BadParameter(
+            "give --user and --creator (a subscription ended), --post (a post locked or deleted), or --user "
+            "and --post (a purchase refunded)",
+            param_hint="--user/--creator/--post",
+        )
+    answer = via_broker(user, creator, post) if broker else via_http("/api/access/revoke", body, url, api_key)
+    err.print("[green]revoke asked[/green]: the subscribers concerned are checked again", highlight=False)
+    out.print_json(data=answer)
+
+
+def via_broker(user: str | None, creator: str | None, post: str | None) -> dict[str, Any]:
+    """Publish the revoke control message on the broker the servers share."""
+    from fonana_ws.broker import Broker, mask_url
+    from fonana_ws.fonana import revocation
+
+    settings = settings_or_exit()
+    if settings.broker_kind == "memory":
+        fail(
+            "--broker needs the broker the server uses: BROADCAST_URL (or REDIS_URL) is memory://, which "
+            "reaches no other process; set it, or go over HTTP (without --broker)",
+            2,
+        )
+
+    async def run() -> None:
+        shared = Broker(settings.broadcast_url)
+        await shared.connect()
+        try:
+            await revocation.revoke(shared, user, creator, post)
+        finally:
+            await shared.disconnect()
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:
+        fail(f"cannot publish: {describe_error(exc)} (BROADCAST_URL {mask_url(settings.broadcast_url)})")
+    given = {"userId": user, "creatorId": creator, "postId": post}
+    return {"ok": True, **{k: v for k, v in given.items() if v is not None}}
