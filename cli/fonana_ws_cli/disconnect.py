@@ -8,7 +8,6 @@ stdout; a refusal exits 1 with the server's reason (2 for a bad option or settin
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 from urllib.parse import quote
 
@@ -16,8 +15,8 @@ import typer
 
 from fonana_ws.fonana.disconnect import MAX_REASON
 
-from .common import describe_error, out, settings_or_exit
-from .send import ApiKey, Url, ViaBroker, err, fail, via_http
+from .common import out
+from .send import ApiKey, Url, ViaBroker, err, on_shared_broker, via_http
 
 
 def disconnect(
@@ -44,27 +43,7 @@ def disconnect(
 
 def via_broker(user: str, reason: str | None) -> dict[str, Any]:
     """Publish the disconnect control message on the broker the servers share."""
-    from fonana_ws.broker import Broker, mask_url
     from fonana_ws.fonana.disconnect import disconnect_everywhere
 
-    settings = settings_or_exit()
-    if settings.broker_kind == "memory":
-        fail(
-            "--broker needs the broker the server uses: BROADCAST_URL (or REDIS_URL) is memory://, which "
-            "reaches no other process; set it, or go over HTTP (without --broker)",
-            2,
-        )
-
-    async def run() -> None:
-        shared = Broker(settings.broadcast_url)
-        await shared.connect()
-        try:
-            await disconnect_everywhere(shared, user, reason)
-        finally:
-            await shared.disconnect()
-
-    try:
-        asyncio.run(run())
-    except Exception as exc:
-        fail(f"cannot publish: {describe_error(exc)} (BROADCAST_URL {mask_url(settings.broadcast_url)})")
+    on_shared_broker(lambda broker: disconnect_everywhere(broker, user, reason))
     return {"ok": True, "userId": user}

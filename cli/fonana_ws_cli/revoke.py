@@ -9,13 +9,12 @@ option or setting).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import typer
 
-from .common import describe_error, out, settings_or_exit
-from .send import ApiKey, Url, ViaBroker, err, fail, via_http
+from .common import out
+from .send import ApiKey, Url, ViaBroker, err, on_shared_broker, via_http
 
 
 def revoke(
@@ -42,28 +41,8 @@ def revoke(
 
 def via_broker(user: str | None, creator: str | None, post: str | None) -> dict[str, Any]:
     """Publish the revoke control message on the broker the servers share."""
-    from fonana_ws.broker import Broker, mask_url
     from fonana_ws.fonana import revocation
 
-    settings = settings_or_exit()
-    if settings.broker_kind == "memory":
-        fail(
-            "--broker needs the broker the server uses: BROADCAST_URL (or REDIS_URL) is memory://, which "
-            "reaches no other process; set it, or go over HTTP (without --broker)",
-            2,
-        )
-
-    async def run() -> None:
-        shared = Broker(settings.broadcast_url)
-        await shared.connect()
-        try:
-            await revocation.revoke(shared, user, creator, post)
-        finally:
-            await shared.disconnect()
-
-    try:
-        asyncio.run(run())
-    except Exception as exc:
-        fail(f"cannot publish: {describe_error(exc)} (BROADCAST_URL {mask_url(settings.broadcast_url)})")
+    on_shared_broker(lambda broker: revocation.revoke(broker, user, creator, post))
     given = {"userId": user, "creatorId": creator, "postId": post}
     return {"ok": True, **{k: v for k, v in given.items() if v is not None}}

@@ -26,7 +26,7 @@ import asyncio
 import inspect
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
 
@@ -165,6 +165,33 @@ def via_broker(name: str | None, body: dict[str, Any]) -> dict[str, Any]:
         if not connected:  # the database or the broker could not be reached at all
             fail(f"cannot connect: {describe_error(exc)} ({where})")
         fail_refused(exc, where)
+
+
+def on_shared_broker(work: Callable[[Any], Awaitable[None]]) -> None:
+    """Run ``work(broker)`` on the broker the servers share (``--broker`` of disconnect and revoke):
+    exit 2 on the memory broker, which reaches no other process, and 1 when it cannot be done."""
+    from fonana_ws.broker import Broker, mask_url
+
+    settings = settings_or_exit()
+    if settings.broker_kind == "memory":
+        fail(
+            "--broker needs the broker the server uses: BROADCAST_URL (or REDIS_URL) is memory://, which "
+            "reaches no other process; set it, or go over HTTP (without --broker)",
+            2,
+        )
+
+    async def run() -> None:
+        shared = Broker(settings.broadcast_url)
+        await shared.connect()
+        try:
+            await work(shared)
+        finally:
+            await shared.disconnect()
+
+    try:
+        asyncio.run(run())
+    except Exception as exc:
+        fail(f"cannot publish: {describe_error(exc)} (BROADCAST_URL {mask_url(settings.broadcast_url)})")
 
 
 def fail_refused(exc: BaseException, where: str) -> NoReturn:

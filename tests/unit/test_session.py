@@ -530,7 +530,6 @@ def test_a_failed_join_with_presence_watches_nothing() -> None:
 # -- token refresh (§7.6) and recovery (§7.8) -----------------------------------------------------------
 
 
-
 def test_a_refresh_frame_asks_for_its_token_to_be_checked() -> None:
     session = Session(USER, 10)
     assert session.receive(orjson.dumps({"type": "refresh", "token": "t.o.k"})) == [CheckToken("t.o.k")]

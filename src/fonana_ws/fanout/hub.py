@@ -88,23 +88,30 @@ class Hub:
                 del self.by_user[conn.user_id]
         self.subscriptions.release(env.user_channel(conn.user_id))
 
-    async def join(self, conn: Connection, key: str) -> None:
+    async def join(self, conn: Connection, key: str, *, announce: bool = True) -> None:
         """Add ``conn`` to ``key``; returns once this process receives the key's events.
 
-        A connection that joined ``key`` already (its subscribe repeated) returns at once.
+        A connection that joined ``key`` already (its subscribe repeated) returns at once. Without
+        ``announce``, ``on_member`` hears of the join only at ``announce()`` (the endpoint calls it once
+        ``subscribed`` is sent, so that a presence frame of the socket's own arrival comes after it).
         """
         conns = self.by_key.setdefault(key, set())
         if conn in conns:
             return
         conns.add(conn)
         conn.keys.add(key)
-        if self.on_member is not None:
+        if announce and self.on_member is not None:
             self.on_member(key, conn.user_id, True)
         try:
             await self.subscriptions.acquire(env.key_channel(key))
         except BaseException:
             self._drop(conn, key)
             raise
+
+    def announce(self, conn: Connection, key: str) -> None:
+        """Tell ``on_member`` of a join made with ``announce=False`` (if the connection still holds it)."""
+        if self.on_member is not None and conn in self.by_key.get(key, ()):
+            self.on_member(key, conn.user_id, True)
 
     def leave(self, conn: Connection, key: str) -> None:
         self._drop(conn, key)

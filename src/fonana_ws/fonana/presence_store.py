@@ -27,14 +27,11 @@ from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import asyncpg
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from fonana_ws.broker.base import mask_url
 from fonana_ws.broker.postgres_backend import plain_dsn
 from fonana_ws.config import Settings
-from fonana_ws.fonana.user_connections import LUA_NOW, SWEEP_BATCH, keep_session
+from fonana_ws.fonana.user_connections import LUA_NOW, SWEEP_BATCH, keep_session, redis_client
 
 log = logging.getLogger("fonana_ws.presence")
 
@@ -311,16 +308,7 @@ class RedisPresenceStore(PresenceStore):
         self.prefix = key_prefix
         self._ttl_ms = max(1, int(ttl * 1000))
         self._grace_ms = int(grace * 1000)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=op_timeout,
-            socket_connect_timeout=op_timeout,
-            socket_timeout=op_timeout,
-            retry=Retry(NoBackoff(), 1),
-            protocol=2,
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self._client = redis_client(url, op_timeout=op_timeout, pool_size=pool_size)
         self._change = self._client.register_script(_LUA_CHANGE)
         self._refresh = self._client.register_script(_LUA_REFRESH)
         self._sweep = self._client.register_script(_LUA_SWEEP)

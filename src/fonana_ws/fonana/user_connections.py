@@ -463,6 +463,24 @@ return out
 )
 
 
+def redis_client(url: str, *, op_timeout: float, pool_size: int) -> aioredis.Redis:
+    """A client for the shared state (connections, presence): every wait bounded by ``op_timeout``.
+
+    A blocking pool caps the connections a connect storm opens (a wait counts against op_timeout); one
+    retry lets a command survive a pooled connection that died with a restarted server.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=pool_size,
+        timeout=op_timeout,
+        socket_connect_timeout=op_timeout,
+        socket_timeout=op_timeout,
+        retry=Retry(NoBackoff(), 1),
+        protocol=2,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
 class RedisUserConnections(SharedUserConnections):
     """One sorted set per user, ``<key_prefix>:<user>``, of ``<process>:<conn>`` scored by expiry time.
 
@@ -494,18 +512,7 @@ class RedisUserConnections(SharedUserConnections):
         self._ttl_ms = max(1, int(ttl * 1000))
         self._grace_ms = int(grace * 1000)
         self._seen_ms = int(LAST_SEEN_TTL * 1000)
-        # A blocking pool caps the connections a connect storm opens; a wait counts against op_timeout.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=op_timeout,
-            socket_connect_timeout=op_timeout,
-            socket_timeout=op_timeout,
-            # One retry lets a command survive a pooled connection that died with a restarted server.
-            retry=Retry(NoBackoff(), 1),
-            protocol=2,
-        )
-        self._client = aioredis.Redis(connection_pool=pool)
+        self._client = redis_client(url, op_timeout=op_timeout, pool_size=pool_size)
         self._acquire_script = self._client.register_script(_LUA_ACQUIRE)
         self._release_script = self._client.register_script(_LUA_RELEASE)
         self._refresh_script = self._client.register_script(_LUA_REFRESH)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -62,6 +63,13 @@ def typing_of(services: Services) -> Typing:
     if typing is None:
         typing = services.typing = Typing(services.hub, services.stats)
     return typing
+
+
+@dataclass(frozen=True, slots=True)
+class _Announce:
+    """The driver's own step after ``subscribed``: the hub tells presence of the join (``Hub.announce``)."""
+
+    key: str
 
 
 def expiry_of(services: Services) -> Deadlines[Connection]:
@@ -297,9 +305,9 @@ class FonanaEndpoint(WebSocketEndpoint):
             return
         await self.perform(conn, session, session.receive(data))
 
-    async def perform(self, conn: Connection, session: Session, actions: list[Action]) -> None:
+    async def perform(self, conn: Connection, session: Session, actions: list[Action | _Announce]) -> None:
         """Carry out the session's actions in order; what the I/O decided goes back in for the next ones."""
-        todo = deque(actions)
+        todo: deque[Action | _Announce] = deque(actions)
         while todo:
             match todo.popleft():
                 case Reply(text):
@@ -310,6 +318,8 @@ class FonanaEndpoint(WebSocketEndpoint):
                     todo.extend(await self._join(conn, session, key, since, presence))
                 case CatchUp(key):
                     self._catch_up(conn, key)
+                case _Announce(key):
+                    self.services.hub.announce(conn, key)
                 case Leave(key):
                     self.services.hub.leave(conn, key)
                 case SendUnread():
@@ -375,13 +385,13 @@ class FonanaEndpoint(WebSocketEndpoint):
         key: str,
         since: tuple[int, str] | None,
         presence: bool = False,
-    ) -> list[Action]:
+    ) -> list[Action | _Announce]:
         hub = self.services.hub
         limits = self.services.publisher.history
         kept = limits.enabled and has_history(key)
         position: tuple[str, int] | None = None
         recovered: bool | None = None
-        catch_up = False
+        catch_up = fresh = False
         if presence:
             await self._watch_presence(conn, key, True)  # listening before the join is announced
         try:
@@ -400,7 +410,8 @@ class FonanaEndpoint(WebSocketEndpoint):
                 else:
                     self.services.stats.recoveries_refused += 1
             else:
-                await hub.join(conn, key)
+                fresh = key not in conn.keys  # a repeated subscribe is no new member
+                await hub.join(conn, key, announce=False)  # announced once subscribed is sent (below)
         except Exception as exc:
             log.error("subscribe failed conn=%s key=%s: %s", conn.id, key, exc)
             if presence and key not in conn.keys:
@@ -420,7 +431,10 @@ class FonanaEndpoint(WebSocketEndpoint):
         revocation = self.services.revocation
         if until is not None and revocation is not None:
             revocation.allowed_until(conn, key, until)
-        return session.joined(key, True, position, recovered, catch_up)
+        actions = session.joined(key, True, position, recovered, catch_up)
+        if fresh and not catch_up:  # a catch-up announces itself when it goes live
+            actions.insert(1, _Announce(key))  # right after subscribed
+        return actions
 
     def _catch_up(self, conn: Connection, key: str) -> None:
         """Send the recovered events, then the live ones caught meanwhile that are newer, then go live.
