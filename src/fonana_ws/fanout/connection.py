@@ -111,6 +111,7 @@ class Connection:
         "_writer",
         "on_slow",
         "_recent_multi",
+        "floors",
     )
 
     def __init__(
@@ -128,6 +129,9 @@ class Connection:
         self.client = client
         #: Keys joined in the hub (also the session's: ``protocol.session.Session.keys``).
         self.keys: set[str] = set()
+        #: Key -> the last offset a recovery sent (protocol §7.8): live events of the key at or below it
+        #: were in the replay, and are skipped until the first one above it (then the key is dropped).
+        self.floors: dict[str, int] | None = None
         self.closed = False
         self.close_reason = ""
         self._websocket = websocket

@@ -119,6 +119,8 @@ class Hub:
     def _drop(self, conn: Connection, key: str) -> None:
         """``conn`` leaves ``key``; its acquire of the key's topic is released once, by whoever gets here."""
         conn.keys.discard(key)
+        if conn.floors is not None:
+            conn.floors.pop(key, None)
         if self._remove(conn, key):
             if self.on_member is not None:
                 self.on_member(key, conn.user_id, False)
@@ -149,10 +151,15 @@ class Hub:
             raise
         return buffer
 
-    def caught_up(self, conn: Connection, key: str, buffer: list[str | bytes]) -> None:
-        """The recovered events are sent: from now on ``conn`` receives ``key`` live (the topic acquired
-        by ``catch`` is its). Call with no await since the buffer was last read."""
+    def caught_up(self, conn: Connection, key: str, buffer: list[str | bytes], floor: int = 0) -> None:
+        """The recovered events, up to offset ``floor``, are sent: from now on ``conn`` receives ``key``
+        live (the topic acquired by ``catch`` is its), skipping events at or below ``floor`` that the
+        broker hands over late. Call with no await since the buffer was last read."""
         self._stop_catching(key, buffer)
+        if floor > 0:
+            if conn.floors is None:
+                conn.floors = {}
+            conn.floors[key] = floor
         conns = self.by_key.setdefault(key, set())
         if conn in conns:
             self.subscriptions.release(env.key_channel(key))  # joined meanwhile: one acquire is enough
@@ -226,7 +233,7 @@ class Hub:
             self.deliver(conns, message)
             return
         key = channel[len(env.PREFIX) :]
-        self.deliver(self.by_key.get(key), message)
+        self.deliver(self.by_key.get(key), message, key)
         if self.catching and key in self.catching:  # one truth test, unless a client is recovering
             for buffer in self.catching[key]:
                 buffer.append(message)
@@ -249,7 +256,7 @@ class Hub:
 
     # -- fan-out ------------------------------------------------------------------------------------
 
-    def deliver(self, conns: set[Connection] | None, message: str | bytes) -> int:
+    def deliver(self, conns: set[Connection] | None, message: str | bytes, key: str | None = None) -> int:
         """Send one broker message to ``conns``: decoded once, encoded once, the same bytes to each."""
         self.stats.events_received += 1
         if not conns:
@@ -271,6 +278,8 @@ class Hub:
         event_id = envelope.id
         for conn in conns:
             if multi and conn.seen_multi(event_id):
+                continue
+            if conn.floors is not None and key is not None and _below_floor(conn, key, envelope.event):
                 continue
             try:
                 conn.send(text, frame)
@@ -303,6 +312,23 @@ class Hub:
         for conn in list(self.connections):
             conn.cut(code, reason)
         await self.subscriptions.close()
+
+
+def _below_floor(conn: Connection, key: str, event: dict[str, Any]) -> bool:
+    """Was this live event of ``key`` already in ``conn``'s replay? The broker may still hand over events
+    the history read already returned; past the first newer one, the key needs no floor any more."""
+    floors = conn.floors
+    assert floors is not None
+    floor = floors.get(key)
+    if floor is None:
+        return False
+    offset = event.get("offset")
+    if isinstance(offset, int) and offset <= floor:
+        return True
+    del floors[key]
+    if not floors:
+        conn.floors = None
+    return False
 
 
 def _watch_done(key: str, ready: asyncio.Future[None]) -> None:

@@ -457,7 +457,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             if envelope.control is not None or (envelope.multi and conn.seen_multi(envelope.id)):
                 continue
             conn.send_text(protocol.dumps(envelope.event))
-        self.services.hub.caught_up(conn, key, buffer)
+        self.services.hub.caught_up(conn, key, buffer, last)
 
     async def _send_status(self, conn: Connection, user_id: str) -> None:
         status = self.services.status
