@@ -56,6 +56,10 @@ def serve(
             f'-d \'{{"channel":"post_{demo.OPEN_POST}","event":{{"type":"hello"}}}}\' '
             f"http://{settings.host}:{settings.port}/api/publish"
         )
+    from fonana_ws.web.console import url as console_url
+
+    if (where := console_url(settings)) and not settings.log_json:
+        err.print(f"[bold]Console[/bold]: {where}")
     try:
         started = run(settings, workers)
     except ConfigError as exc:

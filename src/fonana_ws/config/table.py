@@ -117,6 +117,14 @@ def _embedded(values: Values) -> bool:
     return str(values["database_url"]).startswith("sqlite")
 
 
+def _no_configuration(values: Values) -> bool:
+    """SQLite and the memory broker; read before ``database_url`` is derived ("" is its SQLite default)."""
+    database = str(values["database_url"])
+    return (not database or database.startswith("sqlite")) and str(values["broadcast_url"]).startswith(
+        "memory"
+    )
+
+
 def _secret_needed(value: str, values: Values) -> str | None:
     if value or _embedded(values):
         return None
@@ -174,6 +182,16 @@ class Settings:
         LISTEN,
         "address of the `METRICS_PORT` listener; same rule as the main port: loopback not proxied, or the "
         "API key",
+    )
+    console: bool = setting(
+        "WS_CONSOLE",
+        Flag(),
+        False,
+        LISTEN,
+        "serve the live console at `/console` (its data: loopback not proxied, or the API key)",
+        default_doc="on in the embedded default (SQLite, `memory://`), else off",
+        example="1",
+        derive=lambda values: _no_configuration(values),
     )
     # -- tokens and keys
     jwt_secret: str = setting(

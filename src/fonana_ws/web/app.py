@@ -26,6 +26,8 @@ from fonana_ws.protocol.frames import CLOSE_SERVICE_RESTART
 from fonana_ws.stats import Stats
 from fonana_ws.web import access_api, api, batch_api, events_api, metrics, presence_api, users_api
 from fonana_ws.web.admission import RateLimits
+from fonana_ws.web.console import routes as console_routes
+from fonana_ws.web.console_peers import install as install_console_peers
 from fonana_ws.web.endpoint import FonanaEndpoint
 from fonana_ws.web.services import Services
 
@@ -91,6 +93,8 @@ async def start(services: Services) -> None:
     # Made at the start, not at the first typing frame: it must hear the throttle's claims of other
     # processes for users whose tabs here have not typed yet. Idle, it holds nothing and no timer.
     services.typing = Typing(services.hub, services.stats)
+    if settings.console:
+        install_console_peers(services)  # after Typing: it chains in front of the hub's watcher
     disconnect.install(services.hub)  # closes this process's connections of a user asked for (4003)
     await services.user_connections.start()
     presence = services.presence = ChannelPresence(
@@ -211,6 +215,7 @@ def create_app(settings: Settings | None = None) -> FonanaApp:
         Route("/ready", api.ready),
         *events_api.routes,
         *metrics.routes,
+        *console_routes(settings),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.services = services

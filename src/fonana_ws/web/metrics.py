@@ -11,6 +11,7 @@ requests that carry the server API key as ``Authorization: Bearer``; anyone else
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,8 @@ LIMIT_CAUSES = (
 )
 #: Why a typing event was relayed (``Stats.typing_relayed``), reported from zero so that rate() works.
 TYPING_REASONS = ("frame", "expired", "disconnect", "new_message")
+#: Channels listed in ``/stats``' ``top_channels`` (the console's table): bounded, whatever the count.
+TOP_CHANNELS = 10
 
 
 def snapshot(services: Services) -> dict[str, Any]:
@@ -121,6 +124,11 @@ def snapshot(services: Services) -> dict[str, Any]:
             "recoveries_refused": stats.recoveries_refused,
         },
         "typing": typing_numbers(stats),
+        # One pass over the keys, as above; only the ten largest are kept.
+        "top_channels": [
+            {"channel": key, "subscribers": len(conns)}
+            for key, conns in heapq.nlargest(TOP_CHANNELS, hub.by_key.items(), key=lambda item: len(item[1]))
+        ],
         "publish_seconds": {
             "count": hist.count,
             "sum": hist.sum,
