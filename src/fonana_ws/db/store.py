@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fonana_ws.db.schema import create_schema
+from fonana_ws.db.user_lookup import PostgresUsers, UserLookup
 
 UNREAD_LIMIT = 20
 
@@ -180,6 +182,10 @@ class Store:
         self._profiles: dict[str, tuple[tuple[str | None, str | None] | None, float]] = {}
         #: Where queries run: the pool (PostgreSQL), or one shared connection (SQLite; see ``connect``).
         self.q: Queries = self.db
+        #: PostgreSQL's user lookups on a small asyncpg pool of their own (a prepared statement, no
+        #: SQLAlchemy compile per connect); SQLite's through ``q``. Either way batched (``UserLookup``).
+        self._pg_users = PostgresUsers(url) if self.dialect == "postgresql" else None
+        self.users = UserLookup(self._pg_users.fetch if self._pg_users else self._sqlite_users)
 
     @property
     def dialect(self) -> str:
@@ -193,8 +199,12 @@ class Store:
             shared = self.db.connection()
             await shared.__aenter__()
             self.q = shared
+        if self._pg_users is not None:
+            await self._pg_users.open()
 
     async def disconnect(self) -> None:
+        if self._pg_users is not None:
+            await self._pg_users.close()
         if self.q is not self.db:
             await self.q.__aexit__(None, None, None)
             self.q = self.db
@@ -217,7 +227,7 @@ class Store:
         now = time.monotonic()
         if self._known_users.get(user_id, 0.0) > now:
             return True
-        found = await self.q.fetch_val("SELECT 1 FROM users WHERE id = :id", {"id": user_id}) is not None
+        found = await self.users.exists(user_id)
         if found and self._user_ttl > 0:
             if len(self._known_users) >= self._user_cache_size:
                 self._known_users = {u: t for u, t in self._known_users.items() if t > now}
@@ -225,6 +235,13 @@ class Store:
                     self._known_users.clear()
             self._known_users[user_id] = now + self._user_ttl
         return found
+
+    async def _sqlite_users(self, user_ids: Sequence[str]) -> set[str]:
+        marks = ", ".join(f":u{i}" for i in range(len(user_ids)))
+        rows = await self.q.fetch_all(
+            f"SELECT id FROM users WHERE id IN ({marks})", {f"u{i}": u for i, u in enumerate(user_ids)}
+        )
+        return {row[0] for row in rows}
 
     async def get_post(self, post_id: str) -> dict[str, Any] | None:
         row = await self.q.fetch_one(
