@@ -1528,33 +1528,37 @@ class Bench:
 
 
 class Peer:
-    def __init__(self, args: argparse.Namespace):
+    """A Node.js peer (``server.js`` + ``package.json``), copied to its own folder, installed, pinned."""
+
+    def __init__(self, args: argparse.Namespace, name: str = "peer", src: str | None = None, port: int = 0):
         self.a = args
-        self.dir = Path(args.peer_dir)
+        self.name = name
+        self.src = src if src is not None else args.peer_src
+        self.port = port or args.peer_port
+        self.dir = Path(args.peer_dir) if name == "peer" else Path(f"{args.peer_dir}-{name}")
         self.proc: subprocess.Popen | None = None
         self.logf = None
 
     def prepare(self) -> None:
-        if not self.a.peer_src:
+        if not self.src:
             raise SystemExit(
                 "--spawn-peer needs --peer-src DIR (or BENCH_PEER_SRC): the peer's server.js folder"
             )
-        peer_src = Path(self.a.peer_src)
+        peer_src = Path(self.src)
         if not (peer_src / "server.js").is_file():
-            raise SystemExit(f"--peer-src {peer_src}: no server.js there")
+            raise SystemExit(f"peer {self.name} {peer_src}: no server.js there")
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name in ("server.js", "package.json", "README.md"):
+        changed = False
+        for name in ("server.js", "package.json", "README.md", ".npmrc"):
             src = peer_src / name
             dst = self.dir / name
             if src.exists() and (not dst.exists() or dst.read_bytes() != src.read_bytes()):
+                changed = changed or name in ("package.json", ".npmrc")
                 if dst.exists():
                     dst.chmod(0o644)
                 shutil.copyfile(src, dst)
                 dst.chmod(0o644)
-        if (
-            not (self.dir / "node_modules" / "ws").exists()
-            or not (self.dir / "node_modules/jsonwebtoken").exists()
-        ):
+        if changed or not (self.dir / "node_modules").exists():
             log(f"peer: npm install in {self.dir} ...")
             subprocess.run(
                 ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
@@ -1566,12 +1570,10 @@ class Peer:
 
     def start(self) -> Target:
         a = self.a
-        busy = find_listening_pids(a.peer_port)
+        busy = find_listening_pids(self.port)
         if busy:
-            raise RuntimeError(f"port {a.peer_port} is already taken by PID(s) {busy}: use --peer-port")
-        env = dict(
-            os.environ, JWT_SECRET=a.secret, API_KEY=a.api_key, PORT=str(a.peer_port), HOST="127.0.0.1"
-        )
+            raise RuntimeError(f"port {self.port} is already taken by PID(s) {busy}: use --peer-port")
+        env = dict(os.environ, JWT_SECRET=a.secret, API_KEY=a.api_key, PORT=str(self.port), HOST="127.0.0.1")
         self.logf = open(self.dir / "peer.log", "ab")  # noqa: SIM115
         cmd = ["node", "server.js"]
         if shutil.which("taskset"):
@@ -1581,16 +1583,18 @@ class Peer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"peer exited with {self.proc.returncode}; see {self.dir / 'peer.log'}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", a.peer_port), 0.5):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.5):
                 break
             time.sleep(0.1)
         else:
-            raise RuntimeError("peer did not start listening in 15 s")
-        log(f"peer: pid {self.proc.pid} on 127.0.0.1:{a.peer_port}, CPUs {a.server_cpus}")
+            raise RuntimeError(
+                f"peer {self.name} did not start listening in 15 s; see {self.dir / 'peer.log'}"
+            )
+        log(f"{self.name}: pid {self.proc.pid} on 127.0.0.1:{self.port}, CPUs {a.server_cpus}")
         return Target(
-            "peer",
-            f"ws://127.0.0.1:{a.peer_port}/ws",
-            f"http://127.0.0.1:{a.peer_port}",
+            self.name,
+            f"ws://127.0.0.1:{self.port}/ws",
+            f"http://127.0.0.1:{self.port}",
             pids=[self.proc.pid],
         )
 
@@ -1920,6 +1924,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--peer-dir", default="/tmp/fonana-bench-peer", help="where the peer is copied and installed"
     )
+    g.add_argument(
+        "--peer",
+        action="append",
+        metavar="NAME=DIR",
+        help="one more Node.js peer to start as target NAME, e.g. uws=../shared/bench-peer-uws (repeatable; "
+        "ports after --peer-port, folders --peer-dir-NAME)",
+    )
     g.add_argument("--server-cpus", default="0", help="CPUs for the spawned peer (taskset -c)")
 
     g = p.add_argument_group("users and channels")
@@ -1997,13 +2008,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown measurement(s) in --only: {', '.join(sorted(bad))}")
     a.ours_variant = [parse_variant(p, spec) for spec in a.ours_variant or []]
-    if a.spawn_peer or a.spawn_ours or a.ours_checkout or a.ours_variant:
+    if a.spawn_peer or a.peer or a.spawn_ours or a.ours_checkout or a.ours_variant:
         a.secret = a.secret or "fonana-bench-secret-0123456789abcdef"
         a.api_key = a.api_key or "bench-api-key-0123456789"
     if not a.secret or not a.api_key:
         p.error("--secret and --api-key are required (or $JWT_SECRET / $WS_API_KEY, or --spawn-peer)")
     a.ours_checkout = a.ours_checkout or []
-    if not a.target and not a.spawn_peer and not a.spawn_ours and not a.ours_checkout and not a.ours_variant:
+    if (
+        not a.target
+        and not a.spawn_peer
+        and not a.peer
+        and not a.spawn_ours
+        and not a.ours_checkout
+        and not a.ours_variant
+    ):
         p.error("give at least one --target NAME=WS_URL,HTTP_URL, --spawn-peer or --spawn-ours")
     if a.workers is None:
         a.workers = len(parse_cpus(a.client_cpus))
@@ -2085,7 +2103,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     raise_nofile()
     users = load_users(a)
-    peer = Peer(a) if a.spawn_peer else None
+    peers = [Peer(a)] if a.spawn_peer else []
+    for i, spec in enumerate(a.peer or [], 1):
+        name, _, folder = spec.partition("=")
+        if not name or not folder or name == "peer":
+            raise SystemExit(f"bad --peer {spec!r}: need NAME=DIR (NAME not 'peer')")
+        peers.append(Peer(a, name, folder, a.peer_port + i))
     ours = (
         Ours(a.ours_port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, a.ours_procs)
         if a.spawn_ours
@@ -2110,7 +2133,7 @@ def main(argv: list[str] | None = None) -> int:
         others.append((name, variant))
     targets: list[Target] = []
     try:
-        if peer:
+        for peer in peers:
             peer.prepare()
             targets.append(peer.start())
         if ours:
@@ -2139,7 +2162,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {type(e).__name__}: {e}")
         return 2
     finally:
-        if peer:
+        for peer in peers:
             peer.stop()
         if ours:
             ours.stop()
