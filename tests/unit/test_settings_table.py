@@ -118,7 +118,7 @@ def bad(row: Setting, name: str) -> list[tuple[str, str]]:
     if isinstance(kind, k.DatabaseUrl):
         return [("mysql://x", f"{name} must be a postgresql:// or sqlite:// URL, got scheme 'mysql'")]
     if isinstance(kind, k.BrokerUrl):
-        schemes = "memory://, redis://, rediss://, postgres:// or postgresql://"
+        schemes = "memory://, redis://, rediss://, redis+cluster://, postgres:// or postgresql://"
         return [("kafka://x", f"{name} must start with {schemes}, got scheme 'kafka'")]
     if isinstance(kind, (k.Text, k.Items, k.Directory)):
         return []  # any text is one

@@ -20,6 +20,10 @@ log = logging.getLogger("fonana_ws.broker")
 def create_backend(url: str) -> BroadcastBackend:
     """Ours for every scheme: broadcaster's Redis and PostgreSQL backends are unreliable, its memory one
     private (``broadcaster._backends``); ours use broadcaster's public ``BroadcastBackend`` only."""
+    if urlparse(url).scheme.lower() == "redis+cluster":
+        from fonana_ws.broker.redis_cluster_backend import RedisClusterBackend
+
+        return RedisClusterBackend(url)
     scheme = urlparse(url).scheme.split("+")[0]
     if scheme == "memory":
         from fonana_ws.broker.memory_backend import MemoryBackend

@@ -211,6 +211,11 @@ class RedisBackend(Supervised, BroadcastBackend):
         self._session_was_up = False
         self._scripting = True  # False once Redis refused EVAL: publish_many uses MULTI/EXEC then
         self._no_history_epoch = uuid.uuid4().hex[:12]  # without scripts: nothing kept, no old epoch holds
+        # history_position calls waiting for this loop turn's pipeline, and the pipelines under way.
+        self._positions: list[tuple[str, int, asyncio.Future[Position]]] = []
+        self._flushes: set[asyncio.Future[None]] = set()
+        #: Pipelines sent for history_position (a test counts round trips with it).
+        self.position_round_trips = 0
 
     @property
     def is_up(self) -> bool:
@@ -380,11 +385,82 @@ class RedisBackend(Supervised, BroadcastBackend):
             raise BrokerUnavailable(f"Redis history failed: {describe(exc)}") from exc
 
     async def history_position(self, key: str, limits: HistoryLimits) -> Position:
-        """The key's epoch and last offset; makes the epoch (offset 0) when the key has none."""
-        reply = await self._history_call(_HISTORY_POSITION, key, uuid.uuid4().hex[:12], _ttl_ms(limits))
-        if reply is None:
+        """The key's epoch and last offset; makes the epoch (offset 0) when the key has none.
+
+        Every join asks this once per key: concurrent calls (2,000 joins after a restart) are sent
+        together, one pipeline per event-loop turn, rather than one round trip each.
+        """
+        if not self.is_up or self._publisher is None:
+            raise BrokerUnavailable("Redis is unreachable")
+        if not self._scripting:
             return Position(self._no_history_epoch, 0)
-        return Position(_text(reply[0]), int(reply[1]))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Position] = loop.create_future()
+        self._positions.append((key, _ttl_ms(limits), waiter))
+        if len(self._positions) == 1:
+            loop.call_soon(self._flush_positions)
+        return await waiter
+
+    def _flush_positions(self) -> None:
+        batch, self._positions = self._positions, []
+        task = asyncio.ensure_future(self._positions_of(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _positions_of(self, batch: list[tuple[str, int, asyncio.Future[Position]]]) -> None:
+        """Answer every waiter of the batch from one pipeline (two after a NOSCRIPT)."""
+        try:
+            replies = await self._position_pipeline(batch)
+        except BaseException as exc:
+            for _, _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, waiter), reply in zip(batch, replies, strict=True):
+            if waiter.done():
+                continue
+            if isinstance(reply, BaseException):
+                waiter.set_exception(reply)
+            elif reply is None:
+                waiter.set_result(Position(self._no_history_epoch, 0))
+            else:
+                waiter.set_result(Position(_text(reply[0]), int(reply[1])))
+
+    async def _position_pipeline(self, batch: list[tuple[str, int, asyncio.Future[Position]]]) -> list[Any]:
+        publisher = self._publisher
+        if publisher is None:
+            raise BrokerUnavailable("Redis is unreachable")
+
+        async def send(items: list[int], script: bool) -> list[Any]:
+            self.position_round_trips += 1
+            async with publisher.pipeline(transaction=False) as pipe:
+                for i in items:
+                    key, ttl_ms, _ = batch[i]
+                    args = (*history_keys(key), uuid.uuid4().hex[:12], ttl_ms)
+                    if script:
+                        pipe.eval(_HISTORY_POSITION, 2, *args)
+                    else:
+                        pipe.evalsha(_SHAS[_HISTORY_POSITION], 2, *args)
+                return list(await pipe.execute(raise_on_error=False))
+
+        try:
+            async with within(self._op_timeout, f"Redis history of {len(batch)} keys"):
+                replies = await send(list(range(len(batch))), script=False)
+                missing = [i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)]
+                if missing:  # a restart emptied the script cache: EVAL those, once
+                    for i, reply in zip(missing, await send(missing, script=True), strict=True):
+                        replies[i] = reply
+        except _DOWN_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis history failed: {describe(exc)}") from exc
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis_errors.ResponseError) and _refused(reply):
+                if self._scripting:
+                    logger.warning("Redis refused EVALSHA (%s): no history", describe(reply))
+                self._scripting = False
+                replies[i] = None
+        return replies
 
     async def history_since(self, key: str, offset: int, epoch: str, limits: HistoryLimits) -> Replay:
         """The key's events after ``offset`` as stored, read in one script (one consistent moment)."""

@@ -202,17 +202,24 @@ class DatabaseUrl(_Kind):
 
 
 class BrokerUrl(_Kind):
-    SCHEMES: ClassVar[tuple[str, ...]] = ("memory", "redis", "rediss", "postgres", "postgresql")
+    SCHEMES: ClassVar[tuple[str, ...]] = (
+        "memory",
+        "redis",
+        "rediss",
+        "redis+cluster",
+        "postgres",
+        "postgresql",
+    )
 
     def __call__(self, name: str, raw: str) -> str:
         scheme = urlparse(raw).scheme
         if scheme not in self.SCHEMES:
             raise ConfigError(
-                f"{name} must start with memory://, redis://, rediss://, postgres:// or postgresql://, "
-                f"got scheme {scheme!r}"
+                f"{name} must start with memory://, redis://, rediss://, redis+cluster://, postgres:// or "
+                f"postgresql://, got scheme {scheme!r}"
             )
         # The PostgreSQL broker speaks asyncpg itself: a SQLAlchemy-style `+asyncpg` means nothing to it.
         return raw.replace("+asyncpg", "", 1) if scheme.startswith("postgres") else raw
 
     def describe(self) -> str:
-        return "`memory://`, `redis://`, `rediss://` or `postgresql://` URL"
+        return "`memory://`, `redis://`, `rediss://`, `redis+cluster://` or `postgresql://` URL"

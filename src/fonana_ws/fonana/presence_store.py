@@ -623,6 +623,13 @@ def for_settings(settings: Settings, **options: Any) -> PresenceStore:
     if kind == "postgresql":
         options.setdefault("ttl", settings.presence_ttl)
         return PostgresPresenceStore(settings.broadcast_url, grace=grace, **options)
+    if kind == "redis+cluster":
+        # Not shared on a cluster yet (its scripts span keys of different slots): per process, said loudly.
+        logging.getLogger("fonana_ws").warning(
+            "BROADCAST_URL is redis+cluster://: %s is kept per process, not shared between processes",
+            "presence",
+        )
+        return MemoryPresenceStore(grace=grace)
     if kind == "memory":
         return MemoryPresenceStore(grace=grace)
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {kind!r}")

@@ -827,6 +827,13 @@ def for_settings(settings: Settings, **options: Any) -> UserConnections:
     if kind == "postgresql":
         options.setdefault("ttl", settings.presence_ttl)
         return PostgresUserConnections(settings.broadcast_url, limit, grace=grace, **options)
+    if kind == "redis+cluster":
+        # Not shared on a cluster yet (its scripts span keys of different slots): per process, said loudly.
+        logging.getLogger("fonana_ws").warning(
+            "BROADCAST_URL is redis+cluster://: %s is kept per process, not shared between processes",
+            "the per-user connection limit",
+        )
+        return MemoryUserConnections(limit, grace=grace)
     if kind == "memory":
         return MemoryUserConnections(limit, grace=grace)
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {kind!r}")
