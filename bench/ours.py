@@ -46,6 +46,21 @@ async def seed(database_url: str, users: list[str], extra: SeedExtra | None = No
         await store.disconnect()
 
 
+async def fresh_postgres(url: str) -> None:
+    """Drop and create the database ``url`` names (a benchmark's own, e.g. ``fonana_bench``)."""
+    import asyncpg
+
+    base, _, name = url.split("://", 1)[1].rpartition("/")
+    if not name.startswith("fonana_bench"):
+        raise SystemExit(f"refusing to recreate database {name!r}: a benchmark's must be named fonana_bench*")
+    admin = await asyncpg.connect(f"postgresql://{base}/postgres")
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
 class Ours:
     """fonana-ws under test: one process, or several sharing a broker (``procs``).
 
@@ -86,11 +101,17 @@ class Ours:
 
     @property
     def database_url(self) -> str:
-        """The servers' SQLite file (a benchmark may change rows in it while they run)."""
+        """The servers' SQLite file (a benchmark may change rows in it while they run), or the PostgreSQL
+        database a variant names (``pg:DATABASE_URL=postgresql://.../fonana_bench``: made afresh here)."""
+        given = self.env.get("DATABASE_URL", "")
+        if given.startswith("postgres"):
+            return "postgresql+asyncpg://" + given.split("://", 1)[1]
         return f"sqlite+aiosqlite:///{self.dir / 'bench.db'}"
 
     def start(self) -> tuple[str, str, list[int]]:
         """Start them; returns (ws url of the last, http url of the first, pids)."""
+        if self.database_url.startswith("postgresql"):
+            asyncio.run(fresh_postgres(self.database_url))
         asyncio.run(seed(self.database_url, self.users, self.seed_extra))
         for i in range(self.count):
             self._start_one(self.port + i, self.database_url)

@@ -40,8 +40,11 @@ class Subscriptions:
         self._stats = stats
         #: Topic -> acquires not yet released.
         self._count: dict[str, int] = {}
-        #: Topic -> the subscribe of its current broker subscription (done once the broker delivers it).
-        self._subscribed: dict[str, asyncio.Task[None]] = {}
+        #: Topic -> the subscribe of its current broker subscription (done once the broker delivers it);
+        #: once it succeeded, one shared done future for all topics (a finished Task is ~500 bytes per topic,
+        #: and a user topic is one per connected user).
+        self._subscribed: dict[str, asyncio.Future[None]] = {}
+        self._ready: asyncio.Future[None] | None = None
         #: Topic -> its last (un)subscribe not finished yet: the next one starts after it.
         self._ops: dict[str, asyncio.Task[None]] = {}
 
@@ -98,10 +101,17 @@ class Subscriptions:
             self._in_order(topic, self._broker.unsubscribe)
 
     def _subscribe_done(self, topic: str, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and self._subscribed.get(topic) is task:
+        if self._subscribed.get(topic) is not task or task.cancelled():
+            return
+        if task.exception() is not None:
             # Forgotten at once, so that the next acquire tries again; its waiters raise, then release.
             del self._subscribed[topic]
             self._stats.broker_subscriptions -= 1
+            return
+        if self._ready is None:
+            self._ready = task.get_loop().create_future()
+            self._ready.set_result(None)
+        self._subscribed[topic] = self._ready
 
     def _in_order(self, topic: str, op: Callable[[str], Awaitable[None]]) -> asyncio.Task[None]:
         """Run ``op`` after the previous (un)subscribe of ``topic``: the broker sees them in order."""

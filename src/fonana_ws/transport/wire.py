@@ -25,6 +25,10 @@ CLOSE_GRACE = 1.0
 
 log = logging.getLogger("fonana_ws.connection")
 
+#: Shared by every accepted socket's scope instead of one copy each (read-only after the accept).
+_ASGI = {"version": "3.0", "spec_version": "2.4"}
+_NO_SUBPROTOCOLS: list[str] = []
+
 
 class Wire:
     """The app's handle on one connection's transport: a ``fanout.connection.Outlet``, plus ``authenticated``.
@@ -311,6 +315,13 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.accept":
             self.response = None
+            scope = getattr(self, "scope", None)
+            if scope is not None:
+                # Read once, before the accept (the token is in the query string); an idle socket need
+                # not keep its own copies for its whole life.
+                scope["asgi"] = _ASGI
+                scope["query_string"] = b""
+                scope["subprotocols"] = _NO_SUBPROTOCOLS
             conn = self.conn
             if not conn.reader.buffer:
                 # websockets' server parser generator keeps the handshake request (and its headers) in
