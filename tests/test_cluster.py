@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -309,3 +310,140 @@ async def test_recovery_across_two_processes_on_the_cluster(
             httpx.AsyncClient(base_url=procs[1].http_url, timeout=10) as pub2,
         ):
             await recovery_story(db, procs[1].ws_url, pub, pub2)
+
+
+def shared_state_pair(cluster: RedisCluster, tmp: Path, **env: str) -> Any:
+    """Two fonana-ws processes on the cluster, with test_status.py's short TTL and grace."""
+    from . import test_status as status
+    from .conftest import process_pair
+
+    return process_pair(
+        tmp,
+        "postgres",
+        BROADCAST_URL=cluster.url,
+        WS_PRESENCE_TTL=str(status.TTL),
+        WS_OFFLINE_GRACE=str(status.GRACE),
+        **env,
+    )
+
+
+async def test_online_status_across_two_processes_on_the_cluster(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """test_status.py's §7.3 story: A watching on process 1, B's tabs on process 0 and process 1."""
+    from . import test_status as status
+
+    async with shared_state_pair(redis_cluster, tmp_path) as (procs, db):
+        nodes = [status.Node(p.ws_url, p.http_url) for p in procs]
+        await status.a_watches_b(db, nodes[1], nodes[0], nodes[1])
+
+
+async def test_presence_across_two_processes_on_the_cluster(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """test_presence.py's §7.4 story across the two processes."""
+    from . import test_presence as presence
+
+    async with shared_state_pair(redis_cluster, tmp_path) as (procs, db):
+        nodes = [presence.Node(p.ws_url, p.http_url) for p in procs]
+        await presence.presence_story(db, nodes[1], nodes[0], nodes[1])
+
+
+async def test_the_per_user_limit_counts_both_processes_on_the_cluster(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """WS_MAX_CONNECTIONS_PER_USER=2: one tab on each process, the third (on either) is closed 4008."""
+    import websockets
+
+    from fonana_ws.auth import create_token
+    from fonana_ws.db import demo
+
+    from . import test_status as status
+    from .conftest import SECRET
+
+    async with shared_state_pair(redis_cluster, tmp_path, WS_MAX_CONNECTIONS_PER_USER="2") as (procs, db):
+        nodes = [status.Node(p.ws_url, p.http_url) for p in procs]
+        user = status.user_id("u")
+        await demo.insert_user(db, user)
+        first = await status.connect(nodes[0], user)
+        await status.connect(nodes[1], user)
+        for n in nodes:
+            ws = await websockets.connect(
+                f"{n.ws_url}?token={create_token(SECRET, user, 600)}", close_timeout=1
+            )
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4008, "Too many connections")
+        await first.close()
+        async with asyncio.timeout(5):  # the close is released on the cluster before the server answers
+            while True:
+                try:
+                    await status.connect(nodes[1], user)  # the freed slot, taken on the other process
+                    break
+                except (AssertionError, websockets.ConnectionClosed):
+                    await asyncio.sleep(0.1)
+
+
+async def test_a_killed_process_s_users_go_offline_and_leave_once_on_the_cluster(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """B (two tabs, in a channel) on process 0, watched on process 1; SIGKILL process 0: process 1's
+    sweeps over the cluster announce B offline and B's leave within TTL + TTL/3 + grace, once each."""
+    from fonana_ws.db import demo
+
+    from . import test_presence as presence
+    from . import test_status as status
+
+    ttl, grace = status.TTL, status.GRACE
+    async with shared_state_pair(redis_cluster, tmp_path) as (procs, db):
+        nodes = [status.Node(p.ws_url, p.http_url) for p in procs]
+        a, b, c = status.user_id("a"), status.user_id("b"), status.user_id("c")
+        for user in (a, b, c):
+            await demo.insert_user(db, user)
+        channel, key = {"type": "creator", "id": c}, f"creator_{c}"
+        watcher, snapshot = await status.watch(nodes[1], a, b)
+        assert snapshot == status.status(b, False)
+        inside = await presence.enter(nodes[1], a, channel, presence=True)
+        assert await inside.recv() == presence.join(key, a)
+        await presence.enter(nodes[0], b, channel)
+        await presence.enter(nodes[0], b, channel)  # two tabs on the doomed process: one leave, one offline
+        assert await watcher.recv() == status.status(b, True)
+        assert await inside.recv() == presence.join(key, b)
+        await status.nothing_but_marker(watcher, nodes[1], b)
+
+        procs[0].proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        went, left = await asyncio.gather(
+            watcher.recv(timeout=ttl * 2 + grace + 3), inside.recv(timeout=ttl * 2 + grace + 3)
+        )
+        after = time.monotonic() - killed
+        assert went["online"] is False and isinstance(went["lastSeen"], str), went
+        assert left == presence.leave(key, b)
+        print(f"\n[cluster] offline and leave {after:.2f} s after SIGKILL (TTL {ttl} s, grace {grace} s)")
+        assert grace <= after <= ttl + ttl / 3 + grace + 1.0, f"{after:.2f} s after the kill"
+        assert (await status.query(nodes[1], b))[b] == {"online": False, "lastSeen": went["lastSeen"]}
+        assert (await presence.ask(inside, channel))["data"]["count"] == 1
+        await asyncio.sleep(ttl / 3)  # another sweep or two: nothing more
+        await status.nothing_but_marker(watcher, nodes[1], b)
+        await presence.nothing_but_marker(inside, nodes[1], key)
+
+
+@pytest.mark.unit
+def test_shared_state_on_a_cluster_url_is_the_cluster_stores(caplog: pytest.LogCaptureFixture) -> None:
+    """No per-process fallback any more: both stores are the cluster ones, and nothing is warned."""
+    from fonana_ws.config import Settings
+    from fonana_ws.fonana import presence_store, user_connections
+
+    settings = Settings(broadcast_url="redis+cluster://127.0.0.1:17101,127.0.0.1:17102")
+    with caplog.at_level("WARNING"):
+        store = presence_store.for_settings(settings)
+        conns = user_connections.for_settings(settings)
+    assert isinstance(store, presence_store.ClusterPresenceStore)
+    assert isinstance(conns, user_connections.ClusterUserConnections)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    shards = {user_connections.index_shard("p", f"u{i}") for i in range(200)}
+    assert len(shards) == user_connections.INDEX_SHARDS, "members spread over every shard"
+    assert user_connections.index_shard("p", "u1") == user_connections.index_shard("p", "u1")

@@ -11,9 +11,10 @@ runs at a time per key, so exactly one sweeping process sees each).
 The backend also keeps, per key, when each user last left, for the grace (``WS_OFFLINE_GRACE``): a user
 back within it is no join (a reload), and a leave is announced only if they are still gone after it.
 
-Three implementations with one interface, picked by the broker URL: memory (one process), Redis (a
+Four implementations with one interface, picked by the broker URL: memory (one process), Redis (a
 sorted set of entries, a hash of users with their entry counts and a sorted set of leave times per key;
-every change of one key is one Lua script), PostgreSQL (two UNLOGGED tables in the server's own schema,
+every change of one key is one Lua script), Redis Cluster (the same keys hash-tagged by the key, the
+sweep's index split into shards), PostgreSQL (two UNLOGGED tables in the server's own schema,
 made on first use; every change of one key is one function call under the key's advisory lock).
 """
 
@@ -31,7 +32,19 @@ import asyncpg
 from fonana_ws.broker.base import mask_url
 from fonana_ws.broker.postgres_backend import plain_dsn
 from fonana_ws.config import Settings
-from fonana_ws.fonana.user_connections import LUA_NOW, SWEEP_BATCH, keep_session, redis_client
+from fonana_ws.fonana.user_connections import (
+    CLUSTER_DUE,
+    INDEX_SHARDS,
+    LUA_NOW,
+    SWEEP_BATCH,
+    Call,
+    by_shard,
+    cluster_client,
+    eval_many,
+    index_shard,
+    keep_session,
+    redis_client,
+)
 
 log = logging.getLogger("fonana_ws.presence")
 
@@ -381,6 +394,187 @@ class RedisPresenceStore(PresenceStore):
         await self._client.connection_pool.disconnect()
 
 
+# The cluster's scripts: each touches one key's entries, users and leave times ({K} hash tag) and
+# returns the key's earliest expiry (-1: no entries); the index shards are written after it. A writer
+# only lowers a key's index score (ZADD LT), and the sweep removes a key only while its score is still
+# expired and then looks at the key again, so a change racing a sweep keeps the key in the index.
+_FIRST = """
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local earliest = -1
+if #first > 0 then earliest = first[2] end
+"""
+# KEYS: entries, users, left; ARGV: process, ttl ms, grace ms, (unused), n entered, users entered then
+# users left. Returns {present users, {joined...}, {left...}, earliest}.
+_CLUSTER_CHANGE = _LUA_CHANGE.replace(_LUA_INDEX, _FIRST).replace(
+    "return {redis.call('HLEN', KEYS[2]), joined, gone}",
+    "return {redis.call('HLEN', KEYS[2]), joined, gone, earliest}",
+)
+# KEYS: entries, users, left; ARGV: process, ttl ms, (unused), users held. Returns earliest.
+_CLUSTER_REFRESH = _LUA_REFRESH.replace(_LUA_INDEX, _FIRST).replace("return 1", "return earliest")
+# KEYS: entries; ARGV: process, grace ms, (unused), users held. Returns earliest.
+_CLUSTER_FADE = _LUA_FADE.replace(_LUA_INDEX, _FIRST).replace("return 1", "return earliest")
+# KEYS: entries, users, left; ARGV: process id length. Returns {earliest, users whose last entry went}.
+_CLUSTER_SWEEP_KEY = (
+    LUA_NOW
+    + """
+local out = {}
+local skip = tonumber(ARGV[1]) + 2
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+    redis.call('ZREM', KEYS[1], member)
+    local user = string.sub(member, skip)
+    if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+        redis.call('HDEL', KEYS[2], user)
+        redis.call('ZADD', KEYS[3], now, user)
+        out[#out + 1] = user
+    end
+end
+"""
+    + _FIRST
+    + """
+table.insert(out, 1, earliest)
+return out
+"""
+)
+# KEYS: an index shard; ARGV: pairs (key, earliest or -1). Sets the sweep's answer; -1 removes the key
+# only while its score is still expired.
+_CLUSTER_INDEX_SWEPT = (
+    LUA_NOW
+    + """
+for i = 1, #ARGV, 2 do
+    local score = tonumber(ARGV[i + 1])
+    if score >= 0 then
+        redis.call('ZADD', KEYS[1], score, ARGV[i])
+    else
+        local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+        if at and tonumber(at) <= now then
+            redis.call('ZREM', KEYS[1], ARGV[i])
+        end
+    end
+end
+return 1
+"""
+)
+assert "KEYS[4]" not in _CLUSTER_CHANGE + _CLUSTER_REFRESH + _CLUSTER_FADE, "an index write left in"
+
+
+class ClusterPresenceStore(RedisPresenceStore):
+    """RedisPresenceStore on a Redis Cluster: key K's entries, users and leave times are
+    ``<p>:{K}``, ``<p>-users:{K}``, ``<p>-left:{K}`` (one slot, one script per change); the index is
+    INDEX_SHARDS keys ``<p>-index:{i}`` (K's shard by CRC32), lowered after each change and walked, every
+    shard, by the sweep. A change is two round trips (the key's script, then its shard)."""
+
+    backend_name = "Redis Cluster"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float = 60.0,
+        grace: float = 0.0,
+        op_timeout: float = 1.0,
+        key_prefix: str = "fonana-ws:presence",
+        pool_size: int = 8,
+    ) -> None:
+        self.process_id = uuid.uuid4().hex
+        self.safe_url = mask_url(url)
+        self.prefix = key_prefix
+        self.index_prefix = f"{key_prefix}-index"
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._grace_ms = int(grace * 1000)
+        self._client = cluster_client(url, op_timeout=op_timeout, pool_size=pool_size)
+
+    def _keys(self, key: str) -> list[str]:
+        p = self.prefix
+        return [f"{p}:{{{key}}}", f"{p}-users:{{{key}}}", f"{p}-left:{{{key}}}"]
+
+    async def _lower(self, keys: list[str], earliest: list[Any]) -> None:
+        """Lower the keys' index scores to their earliest expiry (ZADD LT adds a missing key)."""
+        pipe = self._client.pipeline()
+        for key, score in zip(keys, earliest, strict=True):
+            if float(score) >= 0:
+                pipe.zadd(index_shard(self.index_prefix, key), {key: float(score)}, lt=True)
+        if len(pipe):
+            await pipe.execute()
+
+    async def change(self, batch: list[tuple[str, list[str], list[str]]]) -> list[Change]:
+        calls: list[Call] = [
+            (
+                _CLUSTER_CHANGE,
+                self._keys(key),
+                [self.process_id, self._ttl_ms, self._grace_ms, "", len(enter), *enter, *leave],
+            )
+            for key, enter, leave in batch
+        ]
+        results = await eval_many(self._client, calls)
+        await self._lower([key for key, _, _ in batch], [r[3] for r in results])
+        return [Change(int(c), [_text(u) for u in j], [_text(u) for u in g]) for c, j, g, _ in results]
+
+    async def refresh(self, held: dict[str, list[str]]) -> list[tuple[str, str]]:
+        keys = list(held)
+        calls: list[Call] = [
+            (_CLUSTER_REFRESH, self._keys(k), [self.process_id, self._ttl_ms, "", *held[k]]) for k in keys
+        ]
+        await self._lower(keys, await eval_many(self._client, calls))
+        return await self._sweep()
+
+    async def _sweep(self) -> list[tuple[str, str]]:
+        client: Any = self._client
+        shards = [f"{self.index_prefix}:{{{i}}}" for i in range(INDEX_SHARDS)]
+        due_lists = await eval_many(client, [(CLUSTER_DUE, [s], [SWEEP_BATCH]) for s in shards])
+        due = [_text(k) for keys in due_lists for k in keys][:SWEEP_BATCH]
+        if not due:
+            return []
+        pid = [len(self.process_id)]
+        swept = await eval_many(client, [(_CLUSTER_SWEEP_KEY, self._keys(k), pid) for k in due])
+        gone = [(k, _text(u)) for k, out in zip(due, swept, strict=True) for u in out[1:]]
+        earliest = {k: _text(out[0]) for k, out in zip(due, swept, strict=True)}
+        updates: list[Call] = [
+            (_CLUSTER_INDEX_SWEPT, [shard], [x for k in ks for x in (k, earliest[k])])
+            for shard, ks in by_shard(self.index_prefix, due).items()
+        ]
+        await eval_many(client, updates)
+        # A key removed from its shard may have got an entry meanwhile: look again, and put it back.
+        emptied = [k for k in due if float(earliest[k]) < 0]
+        if emptied:
+            pipe = client.pipeline()
+            for k in emptied:
+                pipe.zrange(self._keys(k)[0], 0, 0, withscores=True)
+            firsts = await pipe.execute()
+            await self._lower(emptied, [f[0][1] if f else -1 for f in firsts])
+        return gone
+
+    async def lookup(self, key: str, user_ids: list[str]) -> Lookup:
+        keys = self._keys(key)
+        out = (await eval_many(self._client, [(_LUA_LOOKUP, keys[1:3], list(user_ids))]))[0]
+        found = {}
+        for i, user in enumerate(user_ids):
+            left = out[3 + 2 * i] if 3 + 2 * i < len(out) else None
+            found[user] = (bool(out[2 + 2 * i]), float(left) / 1000 if left else None)
+        return int(out[0]) / 1000, int(out[1]), found
+
+    async def claim(self, key: str, seconds: float) -> bool:
+        claimed = await self._client.set(
+            f"{self.prefix}-count:{{{key}}}", self.process_id, nx=True, px=max(1, int(seconds * 1000))
+        )
+        return bool(claimed)
+
+    async def fade(self, held: dict[str, list[str]]) -> None:
+        keys = list(held)
+        calls: list[Call] = [
+            (_CLUSTER_FADE, self._keys(k)[:1], [self.process_id, self._grace_ms, "", *held[k]]) for k in keys
+        ]
+        earliest = await eval_many(self._client, calls)
+        pipe = self._client.pipeline()
+        for key, score in zip(keys, earliest, strict=True):
+            if float(score) >= 0:  # lowered: the sweep looks once the faded entries expire
+                pipe.zadd(index_shard(self.index_prefix, key), {key: float(score)})
+        if len(pipe):
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
 _PG_LOCK_SPACE = 0x66777370  # "fwsp": the first key of the per-channel advisory locks
 _PG_CREATE = f"""
 CREATE SCHEMA IF NOT EXISTS fonana_ws;
@@ -624,12 +818,8 @@ def for_settings(settings: Settings, **options: Any) -> PresenceStore:
         options.setdefault("ttl", settings.presence_ttl)
         return PostgresPresenceStore(settings.broadcast_url, grace=grace, **options)
     if kind == "redis+cluster":
-        # Not shared on a cluster yet (its scripts span keys of different slots): per process, said loudly.
-        logging.getLogger("fonana_ws").warning(
-            "BROADCAST_URL is redis+cluster://: %s is kept per process, not shared between processes",
-            "presence",
-        )
-        return MemoryPresenceStore(grace=grace)
+        options.setdefault("ttl", settings.presence_ttl)
+        return ClusterPresenceStore(settings.broadcast_url, grace=grace, **options)
     if kind == "memory":
         return MemoryPresenceStore(grace=grace)
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {kind!r}")

@@ -1,7 +1,8 @@
 """Each user's authenticated connections, counted across every process (``WS_MAX_CONNECTIONS_PER_USER``).
 
 The count lives where the broker lives, so that all processes of one deployment see the same number:
-in memory (one process), in Redis (one sorted set per user) or in PostgreSQL (one row per connection).
+in memory (one process), in Redis (one sorted set per user; on a cluster hash-tagged per user, the sweep's
+index split into INDEX_SHARDS keys) or in PostgreSQL (one row per connection).
 Every entry carries an expiry that its process pushes forward every TTL/3, so the entries of a process
 that died without a word (SIGKILL, OOM, a lost host) stop counting after TTL and heal by themselves.
 
@@ -25,18 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
+import zlib
 from typing import Any
 
 import asyncpg
 from redis import asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from fonana_ws.broker.base import describe, mask_url, within
 from fonana_ws.broker.postgres_backend import plain_dsn
+from fonana_ws.broker.redis_cluster_backend import startup_nodes
 from fonana_ws.config import Settings
 
 log = logging.getLogger("fonana_ws.limits")
@@ -581,6 +587,311 @@ class RedisUserConnections(SharedUserConnections):
         await self._client.connection_pool.disconnect()
 
 
+#: Index shards on a cluster: the sweep's index is split over this many keys (each its own slot, so the
+#: shards spread over the primaries), a member's shard fixed by a stable hash of it.
+INDEX_SHARDS = 16
+
+
+def index_shard(prefix: str, member: str) -> str:
+    """The index shard of ``member``: ``<prefix>:{i}``, i from CRC32 (the same in every process)."""
+    return f"{prefix}:{{{zlib.crc32(member.encode()) % INDEX_SHARDS}}}"
+
+
+def cluster_client(url: str, *, op_timeout: float, pool_size: int) -> RedisCluster:
+    """A Redis Cluster client for the shared state, from a ``redis+cluster://`` URL's startup nodes."""
+    nodes, auth = startup_nodes(url)
+    return RedisCluster(
+        startup_nodes=nodes,
+        max_connections=max(pool_size, 8),
+        socket_connect_timeout=op_timeout,
+        socket_timeout=op_timeout,
+        protocol=2,
+        **auth,
+    )
+
+
+Call = tuple[str, list[str], list[Any]]
+
+
+async def eval_many(client: RedisCluster, calls: list[Call]) -> list[Any]:
+    """EVALSHA each (script, keys, args) in one cluster pipeline (split by node; each call's keys share
+    one slot), then EVAL the ones a node did not know (NOSCRIPT: it ran nothing then)."""
+
+    async def send(indexes: list[int], full: bool) -> list[Any]:
+        pipe = client.pipeline()
+        for i in indexes:
+            script, keys, args = calls[i]
+            # execute_command: the pipeline's own eval/evalsha methods refuse on a cluster, but a
+            # script whose keys share one slot is routed by them like any other command.
+            pipe.execute_command(
+                "EVAL" if full else "EVALSHA", script if full else _sha1(script), len(keys), *keys, *args
+            )
+        return list(await pipe.execute(raise_on_error=False))
+
+    if not calls:
+        return []
+    replies = await send(list(range(len(calls))), False)
+    missing = [i for i, r in enumerate(replies) if isinstance(r, redis_errors.NoScriptError)]
+    if missing:
+        for i, reply in zip(missing, await send(missing, True), strict=True):
+            replies[i] = reply
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+# The cluster's scripts: the same as above, but each touches the keys of one user only ({U} hash tag);
+# the index shards are written by separate commands. A user's index score only ever rises except by the
+# fade (ZADD GT now + ttl on every acquire and refresh), and the sweep removes a user from a shard only
+# while their score there is still expired: so an acquire racing a sweep either raised the score first
+# (the removal is skipped) or lands after it (and adds the user back).
+# KEYS: user's set, user's lastSeen; ARGV: member, limit, ttl ms, grace ms.
+_CLUSTER_ACQUIRE = (
+    LUA_NOW
+    + """
+local ttl = tonumber(ARGV[3])
+local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local held = redis.call('ZCARD', KEYS[1])
+if not mine and held >= tonumber(ARGV[2]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+if mine or held > 0 or removed > 0 then
+    return 1
+end
+local seen = redis.call('GET', KEYS[2])
+if seen and now - tonumber(seen) < tonumber(ARGV[4]) then
+    return 1
+end
+return 2
+"""
+)
+# KEYS: user's set, user's lastSeen; ARGV: member, lastSeen ttl ms. The index entry stays for the sweep.
+_CLUSTER_RELEASE = (
+    LUA_NOW
+    + """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+    return 0
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) > 0 then
+    return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+return 1
+"""
+)
+# KEYS: user's set; ARGV: ttl ms, members.
+_CLUSTER_REFRESH = (
+    LUA_NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+return 1
+"""
+)
+# KEYS: an index shard; ARGV: ttl ms, users. Their scores become at least now + ttl.
+_CLUSTER_INDEX_RAISE = (
+    LUA_NOW
+    + """
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], 'GT', now + tonumber(ARGV[1]), ARGV[i])
+end
+return 1
+"""
+)
+# KEYS: an index shard; ARGV: batch. The members whose score has expired.
+CLUSTER_DUE = (
+    LUA_NOW + "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))"
+)
+# KEYS: user's set, user's lastSeen; ARGV: lastSeen ttl ms. Returns {1 if this call removed the user's
+# last entries (lastSeen written), latest expiry or -1}: one script at a time per slot, so one sweeper.
+_CLUSTER_SWEEP_USER = (
+    LUA_NOW
+    + """
+local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if #last > 0 then
+    return {0, last[2]}
+end
+if removed > 0 then
+    redis.call('SET', KEYS[2], now, 'PX', ARGV[1])
+    return {1, -1}
+end
+return {0, -1}
+"""
+)
+# KEYS: an index shard; ARGV: pairs (member, score or -1). A score is set with GT (never lowered here);
+# -1 removes the member only while its score is still expired (a concurrent writer raised it otherwise).
+CLUSTER_INDEX_SWEPT = (
+    LUA_NOW
+    + """
+for i = 1, #ARGV, 2 do
+    local score = tonumber(ARGV[i + 1])
+    if score >= 0 then
+        redis.call('ZADD', KEYS[1], 'GT', score, ARGV[i])
+    else
+        local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+        if at and tonumber(at) <= now then
+            redis.call('ZREM', KEYS[1], ARGV[i])
+        end
+    end
+end
+return 1
+"""
+)
+# KEYS: user's set; ARGV: grace ms, members. Returns the set's latest expiry or -1.
+_CLUSTER_FADE = (
+    LUA_NOW
+    + """
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if #last > 0 then
+    return last[2]
+end
+return -1
+"""
+)
+
+
+def by_shard(prefix: str, members: Any) -> dict[str, list[str]]:
+    """Members grouped by their index shard."""
+    out: dict[str, list[str]] = {}
+    for member in members:
+        out.setdefault(index_shard(prefix, member), []).append(member)
+    return out
+
+
+class ClusterUserConnections(SharedUserConnections):
+    """RedisUserConnections on a Redis Cluster: ``<key_prefix>:{U}`` and ``<key_prefix>-seen:{U}`` share
+    user U's slot, so each of U's scripts runs on one node; the index is INDEX_SHARDS keys
+    ``<key_prefix>-index:{i}``, written after (or beside) the user's script, and the sweep walks them all:
+    due users of every shard, one script per due user, then the shards' scores set or removed."""
+
+    backend_name = "Redis Cluster"
+
+    def __init__(
+        self,
+        url: str,
+        limit: int,
+        *,
+        ttl: float = 60.0,
+        op_timeout: float = 1.0,
+        grace: float = 0.0,
+        key_prefix: str = "fonana-ws:user-connections",
+        pool_size: int = 8,
+    ) -> None:
+        super().__init__(limit, ttl=ttl, op_timeout=op_timeout, grace=grace)
+        self.safe_url = mask_url(url)
+        self.key_prefix = key_prefix
+        self.index_prefix = f"{key_prefix}-index"
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._grace_ms = int(grace * 1000)
+        self._seen_ms = int(LAST_SEEN_TTL * 1000)
+        self._client = cluster_client(url, op_timeout=op_timeout, pool_size=pool_size)
+
+    async def _prepare(self) -> None:
+        await self._client.initialize()
+
+    def _keys(self, user_id: str) -> list[str]:
+        return [f"{self.key_prefix}:{{{user_id}}}", f"{self.key_prefix}-seen:{{{user_id}}}"]
+
+    def _raise(self, users: Any) -> list[Call]:
+        shards = by_shard(self.index_prefix, users)
+        return [(_CLUSTER_INDEX_RAISE, [shard], [self._ttl_ms, *us]) for shard, us in shards.items()]
+
+    async def _acquire(self, user_id: str, member: str) -> int:
+        calls: list[Call] = [
+            (_CLUSTER_ACQUIRE, self._keys(user_id), [member, self.limit, self._ttl_ms, self._grace_ms]),
+            *self._raise([user_id]),
+        ]
+        return int((await eval_many(self._client, calls))[0])
+
+    async def _release(self, user_id: str, member: str) -> bool:
+        calls: list[Call] = [(_CLUSTER_RELEASE, self._keys(user_id), [member, self._seen_ms])]
+        return bool((await eval_many(self._client, calls))[0])
+
+    async def _refresh(self, members: list[tuple[str, str]]) -> list[str]:
+        by_user: dict[str, list[str]] = {}
+        for user, member in members:
+            by_user.setdefault(user, []).append(member)
+        calls: list[Call] = [
+            (_CLUSTER_REFRESH, self._keys(u)[:1], [self._ttl_ms, *held]) for u, held in by_user.items()
+        ]
+        await eval_many(self._client, calls + self._raise(by_user))
+        return await self._sweep()
+
+    async def _sweep(self) -> list[str]:
+        shards = [f"{self.index_prefix}:{{{i}}}" for i in range(INDEX_SHARDS)]
+        due_lists = await eval_many(self._client, [(CLUSTER_DUE, [s], [SWEEP_BATCH]) for s in shards])
+        due = [_str(u) for users in due_lists for u in users][:SWEEP_BATCH]
+        if not due:
+            return []
+        swept = await eval_many(
+            self._client, [(_CLUSTER_SWEEP_USER, self._keys(u), [self._seen_ms]) for u in due]
+        )
+        gone = [u for u, (g, _) in zip(due, swept, strict=True) if int(g)]
+        scores = dict(zip(due, (s for _, s in swept), strict=True))
+        updates = [
+            (CLUSTER_INDEX_SWEPT, [shard], [x for u in us for x in (u, _str(scores[u]))])
+            for shard, us in by_shard(self.index_prefix, due).items()
+        ]
+        await eval_many(self._client, updates)
+        return gone
+
+    async def _drop(self, members: list[tuple[str, str]]) -> None:
+        pipe = self._client.pipeline()
+        for user, member in members:
+            pipe.zrem(self._keys(user)[0], member)
+        await pipe.execute()
+
+    async def _fade(self, members: list[tuple[str, str]]) -> None:
+        by_user: dict[str, list[str]] = {}
+        for user, member in members:
+            by_user.setdefault(user, []).append(member)
+        users = list(by_user)
+        calls: list[Call] = [(_CLUSTER_FADE, self._keys(u)[:1], [self._grace_ms, *by_user[u]]) for u in users]
+        latest = await eval_many(self._client, calls)
+        pipe = self._client.pipeline()
+        for user, score in zip(users, latest, strict=True):
+            if float(score) >= 0:  # lowered, unlike elsewhere: the sweep looks once the faded entries expire
+                pipe.zadd(index_shard(self.index_prefix, user), {user: float(score)})
+        if len(pipe):
+            await pipe.execute()
+
+    async def _count(self, user_id: str) -> int:
+        return int((await eval_many(self._client, [(_LUA_COUNT, self._keys(user_id)[:1], [])]))[0])
+
+    async def _lookup(self, user_ids: list[str]) -> Lookup:
+        replies = await eval_many(self._client, [(_LUA_LOOKUP, self._keys(u), []) for u in user_ids])
+        now, found = time.time(), {}
+        for user, out in zip(user_ids, replies, strict=True):
+            now = int(out[0]) / 1000
+            seen = out[2] if len(out) > 2 else None  # a Lua false ends the reply
+            found[user] = (int(out[1]), int(seen) / 1000 if seen else None)
+        return now, found
+
+    async def _close(self) -> None:
+        await self._client.aclose()
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 _PG_LOCK_SPACE = 0x66777363  # first key of our two-key advisory locks ("fwsc"): apart from other users'
 _PG_CREATE = f"""
 CREATE SCHEMA IF NOT EXISTS fonana_ws;
@@ -828,12 +1139,8 @@ def for_settings(settings: Settings, **options: Any) -> UserConnections:
         options.setdefault("ttl", settings.presence_ttl)
         return PostgresUserConnections(settings.broadcast_url, limit, grace=grace, **options)
     if kind == "redis+cluster":
-        # Not shared on a cluster yet (its scripts span keys of different slots): per process, said loudly.
-        logging.getLogger("fonana_ws").warning(
-            "BROADCAST_URL is redis+cluster://: %s is kept per process, not shared between processes",
-            "the per-user connection limit",
-        )
-        return MemoryUserConnections(limit, grace=grace)
+        options.setdefault("ttl", settings.presence_ttl)
+        return ClusterUserConnections(settings.broadcast_url, limit, grace=grace, **options)
     if kind == "memory":
         return MemoryUserConnections(limit, grace=grace)
     raise ValueError(f"BROADCAST_URL: unsupported broker scheme {kind!r}")
