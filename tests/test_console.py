@@ -3,6 +3,7 @@
 The page is driven as a person would use it (fields filled, buttons clicked) and read back through what
 it shows and through ``window.fonanaConsole`` (the frames it logged, the closes it saw, its charts'
 series). The test writes a screenshot of each tab into docs/screenshots/, which the README shows.
+The page's connection is the browser client (clients/js), served as a copy of its one-file build.
 """
 
 from __future__ import annotations
@@ -15,14 +16,27 @@ from typing import Any
 
 import pytest
 
+from fonana_ws.auth import create_token
 from fonana_ws.config import load_settings
 
 from .browser_harness import JS_TIMEOUT, Browser, Page, js, launch
-from .conftest import API_KEY, REDIS_URL, Server, make_settings, need_service, redis_reachable, running
+from .conftest import (
+    API_KEY,
+    REDIS_URL,
+    SECRET,
+    Server,
+    make_settings,
+    need_service,
+    redis_reachable,
+    running,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "docs" / "screenshots"
+CLIENT_BUILD = ROOT / "clients" / "js" / "dist" / "fonana.iife.min.js"
+CONSOLE_COPY = ROOT / "src" / "fonana_ws" / "web" / "console" / "fonana.iife.min.js"
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +83,7 @@ async def test_console_client_and_server_tabs(console_server: Server, browser: B
     page = await browser.new_page(f"http://127.0.0.1:{srv.port}/console")
     try:
         await until(page, "window.fonanaConsole && fonanaConsole.samples >= 1", "a first /stats sample")
+        assert await page.eval("typeof Fonana.FonanaRealtime === 'function'"), "the client did not load"
         connections_before = await page.eval("fonanaConsole.charts.connections[0].slice(-1)[0]")
 
         # Mint (embedded default, loopback), connect, subscribe.
@@ -147,8 +162,17 @@ async def test_console_client_and_server_tabs(console_server: Server, browser: B
         shot = await page.screenshot(SHOTS / "console-server.png", height=900)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-        # A refusal: the close code and reason are shown.
+        # Unsubscribe goes through the client: the server's answer, and the chip is gone.
         await click(page, "tab-client")
+        await click(page, "unsubscribe")
+        await until(page, f"{frames_in('in')}.find(f => f.type === 'unsubscribed')", "the unsubscribed frame")
+        assert (await page.eval(frames_in("out")))[-1] == {
+            "type": "unsubscribe",
+            "channel": {"type": "post", "postId": "demo-post-locked"},
+        }
+        assert await page.eval("document.getElementById('subscribed').textContent") == ""
+
+        # A refusal: the close code and reason are shown, and the client does not try again.
         await click(page, "disconnect")
         await until(page, "fonanaConsole.closes.length === 1", "the first close")
         await fill(page, "token", "not-a-token")
@@ -158,9 +182,41 @@ async def test_console_client_and_server_tabs(console_server: Server, browser: B
         assert close["reason"], close
         shown = await page.eval("document.getElementById('socket-state').textContent")
         assert shown == f"closed: 1008 {close['reason']}"
+        assert close["willReconnect"] is False, close
+        assert not await page.eval("document.getElementById('connect').disabled")
         assert page.problems() == [], page.problems()
     finally:
         await page.close()
+
+
+async def test_console_shows_the_clients_reconnect_then_its_stop(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A 2 s token: the server closes 4001, the client reconnects at once by itself (the page says so),
+    with the same token, now refused with 1008, after which the client stops (no retry loop)."""
+    settings = make_settings(tmp_path_factory.mktemp("console-expiry"), None, JWT_LEEWAY="0")
+    async with running(settings) as srv:
+        page = await browser.new_page(f"http://127.0.0.1:{srv.port}/console")
+        try:
+            await until(page, "window.fonanaConsole", "the page")
+            await fill(page, "token", create_token(SECRET, "demo-subscriber", 2))
+            await click(page, "connect")
+            expired = await until(page, "fonanaConsole.closes[0]", "the expiry close")
+            assert expired == {"code": 4001, "reason": "Token expired", "willReconnect": True}, expired
+            refused = await until(page, "fonanaConsole.closes[1]", "the refused reconnect")
+            assert refused["code"] == 1008 and refused["willReconnect"] is False, refused
+            connects = await page.eval(f"{frames_in('in')}.filter(f => f.type === 'connected').length")
+            assert connects == 1  # the reconnect was made, and refused before a connected frame
+            notes = await page.eval(
+                "fonanaConsole.frames.filter(f => f.direction === 'note').map(f => f.text)"
+            )
+            assert any("the client reconnects in" in n for n in notes), notes
+            shown = await page.eval("document.getElementById('socket-state').textContent")
+            assert shown == f"closed: 1008 {refused['reason']}"
+            assert not await page.eval("document.getElementById('connect').disabled")
+            assert page.problems() == [], page.problems()
+        finally:
+            await page.close()
 
 
 async def test_console_files_and_token_route(console_server: Server) -> None:
@@ -170,6 +226,9 @@ async def test_console_files_and_token_route(console_server: Server) -> None:
     assert "default-src 'none'" in page.headers["content-security-policy"]
     for name in ("console.js", "charts.js", "socket.js", "console.css"):
         assert (await http.get(f"/console/{name}")).status_code == 200
+    client = await http.get("/console/fonana.iife.min.js")
+    assert client.status_code == 200 and client.headers["content-type"].startswith("text/javascript")
+    assert client.content == CLIENT_BUILD.read_bytes()  # what the browser runs is the client's build
     assert (await http.get("/console/index.html")).status_code == 404  # only the listed files
     assert (await http.get("/console/..%2Fconsole.py")).status_code == 404
     minted = await http.post("/console/token", json={"userId": "demo-creator"})
@@ -226,3 +285,14 @@ async def test_console_shows_the_processes_behind_a_shared_broker(
             assert page.problems() == [], page.problems()
         finally:
             await page.close()
+
+
+@pytest.mark.unit
+def test_console_ships_the_client_build_byte_for_byte() -> None:
+    """The console's copy of the browser client is clients/js's build, not a fork of it."""
+    assert CLIENT_BUILD.exists(), "clients/js/dist is missing: run `npm run build` in clients/js"
+    assert CONSOLE_COPY.exists(), "the console's client is missing: run `npm run build` in clients/js"
+    assert CONSOLE_COPY.read_bytes() == CLIENT_BUILD.read_bytes(), (
+        "src/fonana_ws/web/console/fonana.iife.min.js differs from clients/js/dist: "
+        "run `npm run build` in clients/js (it copies the build)"
+    )

@@ -104,6 +104,11 @@ export interface Subscription {
 }
 export type State = 'idle' | 'connecting' | 'connected' | 'waiting' | 'stopped' | 'closed';
 type Listener = (payload: any) => void;
+/** The `frame` event's payload: one text frame exactly as it crossed the wire. */
+export interface WireFrame {
+    direction: 'in' | 'out';
+    text: string;
+}
 /** The channel's key, as the server names it (§2). */
 export declare function channelKey(channel: Channel): string;
 /** Full-jitter exponential backoff: uniform in [0, min(cap, base·2^attempt)). */
@@ -124,7 +129,8 @@ export declare class FonanaRealtime {
     private readonly pending;
     constructor(opts: Options);
     /** Listen to a client event (`connected`, `disconnected`, `reconnecting`, `error`, `refreshed`,
-     * `stopped`, `gaveup`, `recovery`, `message`) or to any server frame type. Returns the remover. */
+     * `stopped`, `gaveup`, `recovery`, `message`, `frame`) or to any server frame type. Returns the remover.
+     * `frame` gets every text frame in and out as a {@link WireFrame}, for tools that show the wire. */
     on(name: string, fn: Listener): () => void;
     off(name: string, fn: Listener): void;
     get connected(): boolean;
@@ -148,6 +154,8 @@ export declare class FonanaRealtime {
     send(frame: Frame): void;
     private emit;
     private raw;
+    /** The one place a frame reaches the wire, so that `frame` listeners see all of them, in order. */
+    private write;
     private open;
     private detach;
     private onFrame;

@@ -45,7 +45,8 @@ export class FonanaRealtime {
             this.connect();
     }
     /** Listen to a client event (`connected`, `disconnected`, `reconnecting`, `error`, `refreshed`,
-     * `stopped`, `gaveup`, `recovery`, `message`) or to any server frame type. Returns the remover. */
+     * `stopped`, `gaveup`, `recovery`, `message`, `frame`) or to any server frame type. Returns the remover.
+     * `frame` gets every text frame in and out as a {@link WireFrame}, for tools that show the wire. */
     on(name, fn) {
         let set = this.listeners.get(name);
         if (!set)
@@ -170,7 +171,7 @@ export class FonanaRealtime {
     send(frame) {
         const text = JSON.stringify(frame);
         if (this.state === 'connected' && this.ws && this.ws.readyState === OPEN)
-            this.ws.send(text);
+            this.write(this.ws, text);
         else
             this.queue.push(text);
     }
@@ -188,8 +189,13 @@ export class FonanaRealtime {
         }
     }
     raw(frame) {
-        var _a;
-        (_a = this.ws) === null || _a === void 0 ? void 0 : _a.send(JSON.stringify(frame));
+        if (this.ws)
+            this.write(this.ws, JSON.stringify(frame));
+    }
+    /** The one place a frame reaches the wire, so that `frame` listeners see all of them, in order. */
+    write(ws, text) {
+        ws.send(text);
+        this.emit('frame', { direction: 'out', text });
     }
     async open() {
         var _a;
@@ -228,9 +234,12 @@ export class FonanaRealtime {
     }
     onFrame(data) {
         var _a, _b, _c;
+        const text = typeof data === 'string' ? data : String(data);
+        // Before parsing: a frame the client ignores (not JSON, no type) is still on the wire.
+        this.emit('frame', { direction: 'in', text });
         let frame;
         try {
-            frame = JSON.parse(typeof data === 'string' ? data : String(data));
+            frame = JSON.parse(text);
         }
         catch {
             return;
@@ -264,7 +273,7 @@ export class FonanaRealtime {
         this.emit(frame.type, frame);
     }
     onConnected(frame) {
-        var _a, _b, _c;
+        var _a, _b;
         this.state = 'connected';
         this.attempt = 0;
         this.userId = (_a = frame.data) === null || _a === void 0 ? void 0 : _a.userId;
@@ -274,7 +283,8 @@ export class FonanaRealtime {
         const queued = this.queue;
         this.queue = [];
         for (const text of queued)
-            (_c = this.ws) === null || _c === void 0 ? void 0 : _c.send(text);
+            if (this.ws)
+                this.write(this.ws, text);
         this.emit('connected', frame.data);
         this.emit('message', frame);
     }

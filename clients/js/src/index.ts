@@ -98,6 +98,12 @@ export type State = 'idle' | 'connecting' | 'connected' | 'waiting' | 'stopped' 
 
 type Listener = (payload: any) => void;
 
+/** The `frame` event's payload: one text frame exactly as it crossed the wire. */
+export interface WireFrame {
+  direction: 'in' | 'out';
+  text: string;
+}
+
 interface Sub {
   channel: Channel;
   key: string;
@@ -154,7 +160,8 @@ export class FonanaRealtime {
   }
 
   /** Listen to a client event (`connected`, `disconnected`, `reconnecting`, `error`, `refreshed`,
-   * `stopped`, `gaveup`, `recovery`, `message`) or to any server frame type. Returns the remover. */
+   * `stopped`, `gaveup`, `recovery`, `message`, `frame`) or to any server frame type. Returns the remover.
+   * `frame` gets every text frame in and out as a {@link WireFrame}, for tools that show the wire. */
   on(name: string, fn: Listener): () => void {
     let set = this.listeners.get(name);
     if (!set) this.listeners.set(name, (set = new Set()));
@@ -272,7 +279,7 @@ export class FonanaRealtime {
   /** Send any frame; queued until `connected`, then sent in order. */
   send(frame: Frame): void {
     const text = JSON.stringify(frame);
-    if (this.state === 'connected' && this.ws && this.ws.readyState === OPEN) this.ws.send(text);
+    if (this.state === 'connected' && this.ws && this.ws.readyState === OPEN) this.write(this.ws, text);
     else this.queue.push(text);
   }
 
@@ -289,7 +296,13 @@ export class FonanaRealtime {
   }
 
   private raw(frame: Frame): void {
-    this.ws?.send(JSON.stringify(frame));
+    if (this.ws) this.write(this.ws, JSON.stringify(frame));
+  }
+
+  /** The one place a frame reaches the wire, so that `frame` listeners see all of them, in order. */
+  private write(ws: SocketLike, text: string): void {
+    ws.send(text);
+    this.emit('frame', { direction: 'out', text } as WireFrame);
   }
 
   private async open(): Promise<void> {
@@ -326,9 +339,12 @@ export class FonanaRealtime {
   }
 
   private onFrame(data: unknown): void {
+    const text = typeof data === 'string' ? data : String(data);
+    // Before parsing: a frame the client ignores (not JSON, no type) is still on the wire.
+    this.emit('frame', { direction: 'in', text } as WireFrame);
     let frame: Frame;
     try {
-      frame = JSON.parse(typeof data === 'string' ? data : String(data));
+      frame = JSON.parse(text);
     } catch {
       return;
     }
@@ -367,7 +383,7 @@ export class FonanaRealtime {
     for (const sub of this.subs.values()) this.sendSubscribe(sub);
     const queued = this.queue;
     this.queue = [];
-    for (const text of queued) this.ws?.send(text);
+    for (const text of queued) if (this.ws) this.write(this.ws, text);
     this.emit('connected', frame.data);
     this.emit('message', frame);
   }

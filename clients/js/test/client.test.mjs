@@ -263,3 +263,36 @@ test('close() stops for good and a late close event does nothing', async () => {
   assert.equal(sockets.length, 1);
   assert.equal(c.state, 'closed');
 });
+
+test('frame: every text frame in and out, in wire order, queued ones when they are sent', async () => {
+  const c = make();
+  const wire = [];
+  c.on('frame', ({ direction, text }) => wire.push(`${direction} ${text}`));
+  c.send({ type: 'ping' });
+  c.subscribe({ type: 'post', postId: 'p' });
+  await tick();
+  assert.deepEqual(wire, [], 'nothing is reported before it reaches the wire');
+  last().accept();
+  last().onmessage?.({ data: 'not json' });
+  assert.equal(c.typing('cv'), true);
+  assert.equal(c.typing('cv'), false, 'throttled: never reaches the wire, never reported');
+  const connected = wire[0];
+  assert.match(connected, /^in \{"type":"connected"/);
+  assert.deepEqual(wire.slice(1), [
+    'out {"type":"subscribe","channel":{"type":"post","postId":"p"}}',
+    'out {"type":"ping"}',
+    'in not json',
+    'out {"type":"typing","conversationId":"cv","isTyping":true}',
+  ]);
+  const sentTexts = wire.filter((w) => w.startsWith('out ')).map((w) => JSON.parse(w.slice(4)));
+  assert.deepEqual(sentTexts, last().sent, 'reported exactly what the socket was given');
+  c.on('frame', () => {
+    throw new Error('a bad listener');
+  });
+  const errors = [];
+  c.on('error', (e) => errors.push(e.message));
+  last().push({ type: 'pong' });
+  assert.equal(wire.at(-1), 'in {"type":"pong"}');
+  assert.deepEqual(errors, ['a bad listener'], 'a throwing listener is reported, the client goes on');
+  assert.equal(c.state, 'connected');
+});

@@ -1,9 +1,11 @@
 """``/console``: the live console, a page the server serves itself (``WS_CONSOLE``).
 
-The page and its few static files ship in the package (``web/console/``): no build step, no CDN, so it
-works offline. The page itself holds nothing secret and is served to anyone who reaches it; everything it
-shows comes from routes with their own rule: ``/stats`` (loopback not proxied, or the API key typed into
-the page), ``/api/publish`` (the API key) and ``/ws`` (a token). The one route of its own,
+The page and its few static files ship in the package (``web/console/``): no build step of its own, no
+CDN, so it works offline. Its connection is the browser client of ``clients/js``, whose build copies its
+one-file IIFE here (the package cannot reach ``clients/js`` at run time; a test keeps the copy exact).
+The page itself holds nothing secret and is served to anyone who reaches it; everything it shows comes
+from routes with their own rule: ``/stats`` (loopback not proxied, or the API key typed into the page),
+``/api/publish`` (the API key) and ``/ws`` (a token). The one route of its own,
 ``POST /console/token``, mints a token and is served only on the embedded default, only to loopback.
 """
 
@@ -30,6 +32,8 @@ FILES = {
     "console.js": "text/javascript; charset=utf-8",
     "charts.js": "text/javascript; charset=utf-8",
     "socket.js": "text/javascript; charset=utf-8",
+    # The browser client's one-file build, a copy of clients/js/dist/fonana.iife.min.js (its build copies it).
+    "fonana.iife.min.js": "text/javascript; charset=utf-8",
 }
 #: A minted token's lifetime, in seconds: long enough to play, short enough to forget.
 TOKEN_SECONDS = 1800

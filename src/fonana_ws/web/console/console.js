@@ -1,9 +1,9 @@
-// The console page: the client tab (a socket of one's own, through socket.js) and the server tab
+// The console page: the client tab (a connection of one's own: the JS client, through socket.js) and the server tab
 // (charts from /stats, once a second). The API key lives only in this module's memory: it is read from
 // its field when a request needs it, and is gone with the tab.
 
 import {Chart, bucketDelta, format, quantile} from "./charts.js";
-import {openSocket, socketUrl} from "./socket.js";
+import {openSocket} from "./socket.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_FRAMES = 500;
@@ -57,11 +57,13 @@ function setState(text, kind = "") {
   state.className = `state ${kind}`;
 }
 
-function setConnected(open) {
-  for (const id of ["subscribe", "unsubscribe", "presence", "ping", "typing-on", "typing-off", "disconnect"]) {
-    $(id).disabled = !open;
+// Frames go out only while connected; Disconnect also stops a client waiting to reconnect.
+function setButtons(state) {
+  for (const id of ["subscribe", "unsubscribe", "presence", "ping", "typing-on", "typing-off"]) {
+    $(id).disabled = state !== "connected";
   }
-  $("connect").disabled = open;
+  $("disconnect").disabled = state === "stopped";
+  $("connect").disabled = state !== "stopped";
 }
 
 const subscribed = new Set();
@@ -79,7 +81,6 @@ function onFrame(direction, text) {
   } catch {
     return;
   }
-  if (frame.type === "connected") setState(`connected as ${frame.data && frame.data.userId}`, "good");
   if (frame.type === "subscribed" && frame.data) subscribed.add(frame.data.channelKey);
   if (frame.type === "unsubscribed" && frame.data) subscribed.delete(frame.data.channelKey);
   showSubscribed();
@@ -92,23 +93,26 @@ $("connect").addEventListener("click", () => {
     return;
   }
   setState("connecting…");
-  setConnected(true);
-  $("subscribe").disabled = true;
-  socket = openSocket(socketUrl(token), {
-    onOpen: () => setConnected(true),
-    onFrame,
-    onClose: (close) => {
-      seen.closes.push(close);
-      const text = `closed: ${close.code}${close.reason ? ` ${close.reason}` : ""}`;
-      setState(text, close.code === 1000 ? "" : "bad");
-      addFrame("note", text);
-      subscribed.clear();
-      showSubscribed();
-      setConnected(false);
-      socket = null;
-    },
-  });
+  setButtons("connecting");
+  socket = openSocket(token, {onFrame, onState, onNote: (text) => addFrame("note", text)});
 });
+
+// The client's own reports: connected, a close it will retry after a delay, or one it will not.
+function onState(state, detail) {
+  setButtons(state);
+  if (state === "connected") {
+    setState(`connected as ${detail.userId}`, "good");
+    return;
+  }
+  seen.closes.push({code: detail.code, reason: detail.reason, willReconnect: state === "waiting"});
+  let text = `closed: ${detail.code}${detail.reason ? ` ${detail.reason}` : ""}`;
+  if (state === "waiting") text += ` (the client reconnects in ${(detail.delay / 1000).toFixed(1)} s)`;
+  setState(text, detail.code === 1000 ? "" : "bad");
+  addFrame("note", text);
+  subscribed.clear(); // the client resubscribes by itself after a reconnect; the chips follow its frames
+  showSubscribed();
+  if (state === "stopped") socket = null;
+}
 
 $("disconnect").addEventListener("click", () => socket && socket.close());
 
@@ -118,18 +122,12 @@ function channel() {
   return {type, [field]: $("channel-id").value.trim()};
 }
 
-$("subscribe").addEventListener("click", () => {
-  const frame = {type: "subscribe", channel: channel()};
-  if ($("channel-presence").checked) frame.presence = true;
-  socket && socket.send(frame);
-});
-$("unsubscribe").addEventListener("click", () => socket && socket.send({type: "unsubscribe", channel: channel()}));
-$("presence").addEventListener("click", () => socket && socket.send({type: "presence", channel: channel()}));
+$("subscribe").addEventListener("click", () => socket && socket.subscribe(channel(), $("channel-presence").checked));
+$("unsubscribe").addEventListener("click", () => socket && socket.unsubscribe(channel()));
+$("presence").addEventListener("click", () => socket && socket.presence(channel()));
 $("ping").addEventListener("click", () => socket && socket.send({type: "ping"}));
 for (const [id, isTyping] of [["typing-on", true], ["typing-off", false]]) {
-  $(id).addEventListener("click", () =>
-    socket && socket.send({type: "typing", conversationId: $("typing-conversation").value.trim(), isTyping}),
-  );
+  $(id).addEventListener("click", () => socket && socket.typing($("typing-conversation").value.trim(), isTyping));
 }
 $("clear-frames").addEventListener("click", () => {
   seen.frames.length = 0;
