@@ -6,6 +6,7 @@ in ``TIMESTAMP(3)`` columns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -186,6 +187,8 @@ class Store:
         #: SQLAlchemy compile per connect); SQLite's through ``q``. Either way batched (``UserLookup``).
         self._pg_users = PostgresUsers(url) if self.dialect == "postgresql" else None
         self.users = UserLookup(self._pg_users.fetch if self._pg_users else self._sqlite_users)
+        #: Who hides their online status: asked at every user's online/offline, batched the same way.
+        self.hiders = UserLookup(self._pg_users.fetch_hidden if self._pg_users else self._sqlite_hiders)
 
     @property
     def dialect(self) -> str:
@@ -242,6 +245,16 @@ class Store:
             f"SELECT id FROM users WHERE id IN ({marks})", {f"u{i}": u for i, u in enumerate(user_ids)}
         )
         return {row[0] for row in rows}
+
+    async def _sqlite_hiders(self, user_ids: Sequence[str]) -> set[str]:
+        names = {f"u{i}": user for i, user in enumerate(user_ids)}
+        rows = await self.q.fetch_all(
+            'SELECT "userId" FROM user_settings WHERE "showOnlineStatus" = FALSE AND "userId" IN ('
+            + ", ".join(f":{name}" for name in names)
+            + ")",
+            names,
+        )
+        return {str(r._mapping["userId"]) for r in rows}
 
     async def get_post(self, post_id: str) -> dict[str, Any] | None:
         row = await self.q.fetch_one(
@@ -341,14 +354,8 @@ class Store:
             else:
                 ask.append(user)
         if ask:
-            names = {f"u{i}": user for i, user in enumerate(ask)}
-            rows = await self.q.fetch_all(
-                'SELECT "userId" FROM user_settings WHERE "showOnlineStatus" = FALSE AND "userId" IN ('
-                + ", ".join(f":{name}" for name in names)
-                + ")",
-                names,
-            )
-            found = {str(r._mapping["userId"]) for r in rows}
+            answers = await asyncio.gather(*(self.hiders.exists(user) for user in ask))
+            found = {user for user, hides in zip(ask, answers, strict=True) if hides}
             hidden |= found
             if len(self._hidden) + len(ask) > 10_000:
                 self._hidden = {u: v for u, v in self._hidden.items() if v[1] > now}

@@ -94,6 +94,9 @@ class PostgresUsers:
     """The PostgreSQL side: a pool of its own (two connections) with one prepared statement."""
 
     QUERY = "SELECT id FROM users WHERE id = ANY($1::text[])"
+    HIDDEN = (
+        'SELECT "userId" FROM user_settings WHERE "showOnlineStatus" = FALSE AND "userId" = ANY($1::text[])'
+    )
 
     def __init__(self, url: str) -> None:
         self.dsn = asyncpg_dsn(url)
@@ -110,8 +113,16 @@ class PostgresUsers:
             self.pool = None
 
     async def fetch(self, user_ids: Sequence[str]) -> set[str]:
+        """Those of ``user_ids`` that exist."""
+        return await self._ids(self.QUERY, user_ids)
+
+    async def fetch_hidden(self, user_ids: Sequence[str]) -> set[str]:
+        """Those of ``user_ids`` who hide their online status (protocol §7.3); no row means shown."""
+        return await self._ids(self.HIDDEN, user_ids)
+
+    async def _ids(self, query: str, user_ids: Sequence[str]) -> set[str]:
         if self.pool is None:
             raise ConnectionError("the user lookup pool is not open")
         async with self.pool.acquire(timeout=5) as conn:
-            rows = await conn.fetch(self.QUERY, list(user_ids), timeout=5)
-        return {row[0] for row in rows}
+            rows = await conn.fetch(query, list(user_ids), timeout=5)
+        return {str(row[0]) for row in rows}
