@@ -1928,7 +1928,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peer",
         action="append",
         metavar="NAME=DIR",
-        help="one more Node.js peer to start as target NAME, e.g. uws=../shared/bench-peer-uws (repeatable; "
+        help="one more Node.js peer to start as target NAME, e.g. uws=PATH/TO/bench-peer-uws (repeatable; "
         "ports after --peer-port, folders --peer-dir-NAME)",
     )
     g.add_argument("--server-cpus", default="0", help="CPUs for the spawned peer (taskset -c)")
