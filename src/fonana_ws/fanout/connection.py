@@ -116,7 +116,7 @@ class Connection:
 
     def __init__(
         self,
-        websocket: AsgiSocket,
+        websocket: AsgiSocket | None,
         user_id: str,
         outbox: Outbox,
         *,
@@ -223,6 +223,7 @@ class Connection:
             self._slow()
 
     async def _write_loop(self) -> None:
+        assert self._websocket is not None, "no ASGI socket for a connection without the direct path"
         send_text, send_bytes = self._websocket.send_text, self._websocket.send_bytes
         queue = self._queue
         loop = asyncio.get_running_loop()
@@ -266,6 +267,7 @@ class Connection:
     async def _close_asgi(self, code: int, reason: str) -> None:
         try:
             async with asyncio.timeout(2):
+                assert self._websocket is not None
                 await self._websocket.close(code, reason)
         except Exception:  # already closed, or the peer never drained: nothing more to do here
             pass

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import struct
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Opcode
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
+
+from fonana_ws.transport.keepalive import wheel_of
 
 EXTENSION = "fonana.wire"
 #: How long a closing socket may take to read our close frame before it is aborted.
@@ -69,6 +75,36 @@ class Wire:
         """The connection passed authentication: the handshake deadline no longer applies."""
         self._protocol.cancel_deadline()
 
+    def detach(self, listener: Callable[[dict[str, Any]], None]) -> bool:
+        """Hand every later ASGI receive event (and those already queued) to ``listener``, as it arrives.
+
+        The app's ASGI call may then return without the socket being closed: an idle connection is then
+        a protocol object and the app's own state, with no task and no coroutine frames waiting in
+        ``receive``. False (nothing changed) where the direct path is not usable.
+        """
+        p = self._protocol
+        if not self.usable:
+            return False
+        p.detached = True
+        p.scope = None  # type: ignore[assignment]  # read by uvicorn only before the accept
+        p.queue.sink(listener)
+        return True
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run the detached app's handling of a frame as a server task: uvicorn's shutdown waits for it."""
+        p = self._protocol
+        task = p.loop.create_task(coro)
+        p.tasks.add(task)
+        task.add_done_callback(p.tasks.discard)
+        return task
+
+    def resume_reading(self) -> None:
+        """The detached app handled what it was given: read the next frames (paused after each message)."""
+        p = self._protocol
+        if p.read_paused and not p.disconnected:
+            p.read_paused = False
+            p.transport.resume_reading()
+
 
 def _open(p: WebSocketsSansIOProtocol) -> bool:
     return not p.close_sent and not p.disconnected and p.conn.state is State.OPEN
@@ -81,13 +117,25 @@ class Inbox:
     frames this protocol ever receives.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "_sink")
 
     def __init__(self) -> None:
         self._items: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[Any], None] | None = None
+
+    def sink(self, listener: Callable[[Any], None]) -> None:
+        """From now on every item goes to ``listener`` at once (those waiting first, in order)."""
+        self._sink = listener
+        items, self._items = self._items, []
+        for item in items:
+            listener(item)
 
     def put_nowait(self, item: Any) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(item)
+            return
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -167,13 +215,77 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
     to make the server hold its data.
     """
 
+    # Every attribute uvicorn's protocol and this one set, as slots: uvicorn's class has none, and its
+    # instance dict (over 30 keys: no key sharing) was 1.6 KB of every idle connection; slots are 8 B each.
+    # The inherited __dict__ stays empty (it is only made if something sets an attribute not named here).
+    __slots__ = (
+        # uvicorn's, per server
+        "config", "app", "loop", "logger", "root_path", "asgi_version", "app_state", "connections",
+        "tasks", "default_headers", "close_timeout", "ping_interval", "ping_timeout",
+        # uvicorn's, per connection
+        "transport", "server", "client", "scheme", "queue", "handshake_initiated", "handshake_complete",
+        "close_sent", "disconnected", "close_timer", "initial_response", "conn", "read_paused",
+        "writable", "ping_timer", "pong_timer", "pending_ping_payload", "ping_sent_at", "last_ping_rtt",
+        "frames", "curr_msg_data_type", "request", "response", "scope",
+        # ours
+        "_deadline", "_abort", "detached", "_ka_slot",
+    )  # fmt: skip
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        #: The app took the socket over (``Wire.detach``): its ASGI call returning does not close it.
+        self.detached = False
+        #: The keepalive wheel's slot this socket waits in (``transport.keepalive``), or None.
+        self._ka_slot: int | None = None
         self.conn.__class__ = _ServerProtocol  # same state, one method more (uvicorn builds the object)
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self._deadline: asyncio.TimerHandle | None = None
         self._abort: asyncio.TimerHandle | None = None
+
+    # Keepalive: uvicorn's pings and pong deadlines, on one shared wheel instead of a timer per socket
+
+    def schedule_ping(self) -> None:
+        self._keepalive_in(max(0.0, (self.ping_interval or 0.0) - self.last_ping_rtt))
+
+    def _keepalive_in(self, delay: float) -> None:
+        assert self.ping_interval
+        wheel = wheel_of(self.loop, self.ping_interval)
+        if self._ka_slot is not None:
+            wheel.discard(self, self._ka_slot)
+        self._ka_slot = wheel.add(self, delay)
+
+    def stop_keepalive(self) -> None:
+        if self._ka_slot is not None:
+            wheel_of(self.loop, self.ping_interval or 0.0).discard(self, self._ka_slot)
+            self._ka_slot = None
+        super().stop_keepalive()
+
+    def keepalive_due(self) -> None:
+        """The wheel's call: the next ping is due, or the last one went unanswered."""
+        self._ka_slot = None
+        if self.pending_ping_payload is not None and self.ping_timeout is not None:
+            self.keepalive_timeout()
+        else:
+            self.send_keepalive_ping()
+
+    def send_keepalive_ping(self) -> None:
+        """uvicorn's ping, with the pong deadline (or the next ping) on the wheel."""
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(self.pending_ping_payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self._keepalive_in(self.ping_timeout if self.ping_timeout is not None else self.ping_interval or 0.0)
+
+    def handle_pong(self, event: Any) -> None:
+        if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
+            return  # unsolicited, or the answer to an earlier ping
+        self.last_ping_rtt = self.loop.time() - self.ping_sent_at
+        self.pending_ping_payload = None
+        if self.ping_timeout is not None and self._ka_slot is not None:
+            self.schedule_ping()  # the pong deadline is replaced by the next ping
 
     # Deadlines
 
@@ -292,6 +404,26 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][EXTENSION] = Wire(self)
             self.request = None
 
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that a socket the app detached stays open when the app's call returns."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+            elif self.detached:
+                return
+        if self.close_timer is None:
+            self.transport.close()
+
     def shutdown(self) -> None:
         """uvicorn's shutdown (close 1012), safe for sockets that are already closing or not reading.
 
@@ -315,6 +447,7 @@ class FonanaWSProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message["type"] == "websocket.accept":
             self.response = None
+            self.server = None  # our own address: only the scope needed it
             scope = getattr(self, "scope", None)
             if scope is not None:
                 # Read once, before the accept (the token is in the query string); an idle socket need

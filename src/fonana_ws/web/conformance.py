@@ -37,7 +37,7 @@ class EchoEndpoint(FonanaEndpoint):
             logging.INFO, "echo connected", conn=conn.id, user=user_id, client=address, direct=conn.direct
         )
 
-    async def on_receive(self, websocket: WebSocket, data: Any) -> None:
+    async def on_receive(self, websocket: WebSocket | None, data: Any) -> None:
         conn = self.conn
         assert conn is not None
         if self._over_rate(conn):
@@ -47,7 +47,7 @@ class EchoEndpoint(FonanaEndpoint):
         else:
             conn.send_binary(data)
 
-    async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
+    async def on_disconnect(self, websocket: WebSocket | None, close_code: int) -> None:
         conn = self.conn
         if conn is None:
             return

@@ -100,36 +100,49 @@ class FonanaEndpoint(WebSocketEndpoint):
     """Authenticate first, read nothing before; then subscribe/unsubscribe/ping/typing frames in order."""
 
     encoding = None
-    conn: Connection | None = None
-    session: Session | None = None
-    #: The first frame dropped for the rate is logged; the rest of the connection's are only counted.
-    rate_logged = False
-    #: This connection holds one of its user's WS_MAX_CONNECTIONS_PER_USER slots.
-    holds_slot = False
     #: Named in refusal log lines of endpoints other than /ws.
     log_path: str | None = None
-    #: The token's ``exp`` (epoch seconds), from ``admit``.
-    expires_at: float | None = None
-    #: The access check just made allows until then (epoch seconds): a subscription's ``validUntil``.
-    allowed_until: float | None = None
-    #: A recovery between its ``Join`` and its ``CatchUp``: (key, live buffer, recovered events, their last
-    #: offset).
-    catching: tuple[str, list[Any], list[str], int] | None = None
+    # An idle connection's endpoint lives as long as its socket: slots, not a 500-byte instance dict.
+    __slots__ = (
+        "scope", "receive", "send", "services", "wire", "conn", "session", "rate_logged", "holds_slot",
+        "expires_at", "allowed_until", "catching", "ended", "inbox", "drainer",
+    )  # fmt: skip
 
-    @property
-    def services(self) -> Services:
-        return self.scope["app"].state.services
-
-    @property
-    def wire(self) -> Wire | None:
-        """The direct write path ``FonanaWSProtocol`` offers in the scope; None under other servers."""
-        return (self.scope.get("extensions") or {}).get(EXTENSION)
+    def __init__(self, scope: Any, receive: Any, send: Any) -> None:
+        super().__init__(scope, receive, send)
+        #: The app's services and the direct write path ``FonanaWSProtocol`` offers in the scope (None
+        #: under other servers), read at the start of ``dispatch``: a detached socket keeps no scope.
+        self.services: Services = scope["app"].state.services
+        self.wire: Wire | None = (scope.get("extensions") or {}).get(EXTENSION)
+        self.conn: Connection | None = None
+        self.session: Session | None = None
+        #: The first frame dropped for the rate is logged; the rest of the connection's are only counted.
+        self.rate_logged = False
+        #: This connection holds one of its user's WS_MAX_CONNECTIONS_PER_USER slots.
+        self.holds_slot = False
+        #: The token's ``exp`` (epoch seconds), from ``admit``.
+        self.expires_at: float | None = None
+        #: The access check just made allows until then (epoch seconds): a subscription's ``validUntil``.
+        self.allowed_until: float | None = None
+        #: A recovery between its ``Join`` and its ``CatchUp``: (key, live buffer, recovered events, their
+        #: last offset).
+        self.catching: tuple[str, list[Any], list[str], int] | None = None
+        #: The disconnect was handled: nothing after it is.
+        self.ended = False
+        #: A detached socket's ASGI receive events not handled yet, and the task handling them (None: idle).
+        self.inbox: list[dict[str, Any]] | None = None
+        self.drainer: asyncio.Task[None] | None = None
 
     async def dispatch(self) -> None:
         websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
         await self.on_connect(websocket)
         if self.conn is None:
             return  # refused: nothing the client sent is read
+        if self.wire is not None and self.wire.detach(self.arrived):
+            # From here the protocol hands each event to ``arrived``: an idle socket has no task, no
+            # coroutine frames waiting in receive, and no scope.
+            self.scope = self.receive = self.send = None  # type: ignore[assignment]
+            return
         close_code = 1000
         try:
             while True:
@@ -142,6 +155,46 @@ class FonanaEndpoint(WebSocketEndpoint):
                     break
         finally:
             await self.on_disconnect(websocket, close_code)
+
+    def arrived(self, message: dict[str, Any]) -> None:
+        """A detached socket's receive or disconnect event: handled in order, by one task at a time."""
+        if self.inbox is None:
+            self.inbox = []
+        self.inbox.append(message)
+        if self.drainer is None:
+            assert self.wire is not None
+            self.drainer = self.wire.spawn(self.drain())
+
+    async def drain(self) -> None:
+        """What ``dispatch``'s loop does for a socket that is not detached, until the inbox is empty.
+
+        The protocol stops reading after each message until this asks for more: a client cannot make
+        the server queue frames faster than they are handled.
+        """
+        inbox, wire, conn = self.inbox, self.wire, self.conn
+        assert inbox is not None and wire is not None and conn is not None
+        try:
+            while inbox:
+                message = inbox.pop(0)
+                if self.ended:
+                    continue
+                if message["type"] == "websocket.receive":
+                    data = message.get("text")
+                    try:
+                        await self.on_receive(None, data if data is not None else message.get("bytes"))
+                    except Exception:
+                        log.exception("frame handling failed conn=%s", conn.id)
+                        conn.close_reason = "internal error"
+                        conn.cut(1011, "Internal error")
+                elif message["type"] == "websocket.disconnect":
+                    self.ended = True
+                    await self.on_disconnect(None, int(message.get("code") or 1000))
+                if not inbox:
+                    wire.resume_reading()
+        finally:
+            self.drainer = None
+            if inbox and not self.ended:  # cancelled (shutdown) with events left: the disconnect still runs
+                self.drainer = wire.spawn(self.drain())
 
     async def refuse_upgrade(
         self, websocket: WebSocket, status: int, cause: str, message: str, **log: Any
@@ -217,7 +270,10 @@ class FonanaEndpoint(WebSocketEndpoint):
         self.scope["headers"] = []
         limit = self.services.settings.send_buffer
         outbox = self.services.hub.outbox
-        conn = Connection(websocket, user_id, outbox, limit=limit, client=address, outlet=self.wire)
+        wire = self.wire
+        # The direct path never writes through ASGI: the Starlette WebSocket need not outlive the accept.
+        asgi = None if wire is not None and wire.usable else websocket
+        conn = Connection(asgi, user_id, outbox, limit=limit, client=address, outlet=wire)
         conn.on_slow = self._on_slow
         return conn
 
@@ -298,7 +354,7 @@ class FonanaEndpoint(WebSocketEndpoint):
         conn.send_text(protocol.error(protocol.RATE_LIMITED))
         return True
 
-    async def on_receive(self, websocket: WebSocket, data: Any) -> None:
+    async def on_receive(self, websocket: WebSocket | None, data: Any) -> None:
         conn, session = self.conn, self.session
         assert conn is not None and session is not None
         if self._over_rate(conn):
@@ -510,7 +566,7 @@ class FonanaEndpoint(WebSocketEndpoint):
             return []
         return session.unread_loaded(unread)
 
-    async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
+    async def on_disconnect(self, websocket: WebSocket | None, close_code: int) -> None:
         conn = self.conn
         if conn is None:
             return
