@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from ours import Ours
+from ours import Ours, accepted_by
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 EVENT_SIZE = 256
@@ -196,6 +196,15 @@ class ServerProbe:
                 s += int(st[12])
         return u / CLK_TCK, s / CLK_TCK
 
+    def cpu_by_pid(self) -> dict[int, float]:
+        """User + system seconds of each process: how the work spread over ``--workers``."""
+        out: dict[int, float] = {}
+        for p in self.pids:
+            st = _stat_fields(p)
+            if st:
+                out[p] = (int(st[11]) + int(st[12])) / CLK_TCK
+        return out
+
     def rss_kb(self) -> int:
         total = 0
         for p in self.pids:
@@ -234,6 +243,14 @@ class ServerProbe:
             except OSError:
                 names.append(str(p))
         return ", ".join(names)
+
+
+def is_mp_helper(pid: int) -> bool:
+    """multiprocessing's resource tracker: a child of uvicorn's --workers master that serves nothing."""
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -920,6 +937,7 @@ class StepResult:
     delivered_reported: int | None
     passed: bool
     why: str
+    srv_by_pid: dict = field(default_factory=dict)  # pid -> CPU seconds over the window
 
 
 class Bench:
@@ -1091,6 +1109,7 @@ class Bench:
         gu0, gs0 = cpu_sum(resets)
         target.probe.refresh()
         su0, ss0 = target.probe.cpu()
+        by_pid0 = target.probe.cpu_by_pid()
         mb0, mst0 = machine_cpu()
         t0 = time.monotonic()
         pubres = await self.publish_schedule(pub, step, ev_rate, duration)
@@ -1108,6 +1127,7 @@ class Bench:
             await asyncio.sleep(0.05)
         t1 = time.monotonic()
         su1, ss1 = target.probe.cpu()
+        by_pid1 = target.probe.cpu_by_pid()
         mb1, mst1 = machine_cpu()
         gu1, gs1 = cpu_sum(polls)
         window = t1 - t0
@@ -1191,6 +1211,7 @@ class Bench:
             delivered_reported=pubres["delivered"],
             passed=not why,
             why="; ".join(why),
+            srv_by_pid={p: by_pid1[p] - by_pid0.get(p, 0.0) for p in by_pid1},
         )
 
     async def settle(self, target: Target, max_s: float = 15.0, quiet: float = 0.3) -> None:
@@ -1251,6 +1272,7 @@ class Bench:
             await self.all("close", tmo=30, group="fan")
             raise RuntimeError(f"{op['failed']} of {nsubs} subscribers failed: {op['errors']}")
         log(f"[{target.name}] {nsubs} subscribers ready in {op['wall']:.1f}s")
+        self.record_spread(target)
         pub = HttpPublisher(target.http_url, a.publish_path, a.api_key, max_conns=a.publish_conns)
         try:
             # warm-up: a short low-rate step (JITs, caches, keep-alive connections)
@@ -1286,6 +1308,21 @@ class Bench:
             await pub.close()
             await self.all("close", tmo=30, group="fan")
             await asyncio.sleep(0.5)
+
+    def record_spread(self, target: Target) -> None:
+        """Which server process holds the subscribers: with ``serve --workers`` the kernel chose."""
+        target.probe.refresh()
+        if len(target.probe.pids) < 2:
+            return
+        port = urlsplit(target.ws_url).port or 80
+        held = accepted_by(target.probe.pids, port)
+        log(f"[{target.name}] connections per server process: {held}")
+        target.results["processes"] = {
+            # one root is a --workers master; several (--ours-procs) are peers, none of them a master
+            "root": target.pids[0] if len(target.pids) == 1 else None,
+            "conns": held,
+            "helpers": [p for p in target.probe.pids if is_mp_helper(p)],
+        }
 
     async def fixed_rate(
         self, target: Target, pub: HttpPublisher, nsubs: int, what: str, rate: float, seconds: float
@@ -1356,8 +1393,11 @@ class Bench:
                 if rate < a.rate_min:
                     stop_reason = "nothing passed"
                     break
-        # the generator, not the server, may have been the limit: report it rather than hide it
-        gen_bound = hi is not None and hi.gen_share >= GEN_SATURATED and hi.srv_share < 0.9
+        # the generator, not the server, may have been the limit: report it rather than hide it (the
+        # server's share is of one core; a server pinned to several, e.g. --workers on 0-1, has more)
+        affinity = target.probe.affinity()
+        srv_cores = len(parse_cpus(affinity)) if affinity != "?" else 1
+        gen_bound = hi is not None and hi.gen_share >= GEN_SATURATED and hi.srv_share < 0.9 * srv_cores
         target.results["sustain"] = {
             "best": lo.__dict__ if lo else None,
             "first_fail": hi.__dict__ if hi else None,
@@ -1911,6 +1951,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="--spawn-ours processes sharing --ours-broker: publish on the first, subscribe on the last",
     )
     p.add_argument(
+        "--ours-workers",
+        type=int,
+        default=1,
+        help="run --spawn-ours as one `fonana-ws serve --workers N` (needs --ours-broker redis://...): the "
+        "processes share one port and the kernel spreads the connections and publishes over them",
+    )
+    p.add_argument(
         "--ours-broker",
         default="memory://",
         help="BROADCAST_URL for --spawn-ours (e.g. redis://127.0.0.1:6379/0)",
@@ -2028,6 +2075,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def ours_name(a: argparse.Namespace) -> str:
+    """The --spawn-ours target's name: how many processes, and how they are reached."""
+    broker = a.ours_broker.split(":")[0]
+    if a.ours_workers > 1:
+        return f"ours --workers {a.ours_workers} ({broker})"
+    if a.ours_procs > 1:
+        return f"ours x{a.ours_procs} ({broker})"
+    return "ours"
+
+
 def parse_variant(p: argparse.ArgumentParser, spec: str) -> tuple[str, dict[str, str]]:
     """``NAME:VAR=VALUE[,VAR=VALUE]`` -> (NAME, {VAR: VALUE}); a value cannot hold a comma."""
     name, _, assignments = spec.partition(":")
@@ -2110,7 +2167,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"bad --peer {spec!r}: need NAME=DIR (NAME not 'peer')")
         peers.append(Peer(a, name, folder, a.peer_port + i))
     ours = (
-        Ours(a.ours_port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, a.ours_procs)
+        Ours(
+            a.ours_port,
+            a.secret,
+            a.api_key,
+            a.server_cpus,
+            users,
+            a.ours_broker,
+            a.ours_procs,
+            workers=a.ours_workers,
+        )
         if a.spawn_ours
         else None
     )
@@ -2124,12 +2190,23 @@ def main(argv: list[str] | None = None) -> int:
         others.append(
             (name, Ours(port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, 1, str(python)))
         )
-    # Variants of this checkout: as many processes and the same broker as --spawn-ours, so that the only
-    # difference is their settings. On Redis they share its pub/sub with "ours" (it has no namespace),
-    # harmless since targets are measured one after the other and an idle target has no clients.
+    # Variants of this checkout: as many processes (--ours-procs / --ours-workers) and the same broker as
+    # --spawn-ours, so that the only difference is their settings. On Redis they share its pub/sub with
+    # "ours" (it has no namespace), harmless since targets are measured one after the other and an idle
+    # target has no clients.
     for i, (name, env) in enumerate(a.ours_variant, len(others) + 1):
         port = a.ours_port + 10 * i
-        variant = Ours(port, a.secret, a.api_key, a.server_cpus, users, a.ours_broker, a.ours_procs, env=env)
+        variant = Ours(
+            port,
+            a.secret,
+            a.api_key,
+            a.server_cpus,
+            users,
+            a.ours_broker,
+            a.ours_procs,
+            env=env,
+            workers=a.ours_workers,
+        )
         others.append((name, variant))
     targets: list[Target] = []
     try:
@@ -2139,7 +2216,7 @@ def main(argv: list[str] | None = None) -> int:
         if ours:
             ws_url, http_url, pids = ours.start()
             log(f"ours: pids {pids} from port {a.ours_port}, CPUs {a.server_cpus}, broker {a.ours_broker}")
-            name = "ours" if a.ours_procs == 1 else f"ours x{a.ours_procs} ({a.ours_broker.split(':')[0]})"
+            name = ours_name(a)
             targets.append(Target(name, ws_url, http_url, pids=pids))
         for name, other in others:
             ws_url, http_url, pids = other.start()
