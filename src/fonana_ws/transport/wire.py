@@ -54,10 +54,17 @@ class Wire:
         return p.handshake_complete and _open(p) and not p.conn.extensions
 
     def write(self, data: bytes) -> None:
-        """Write pre-built frames; silently nothing once either side started closing (RFC 6455 §5.5.1)."""
+        """Write pre-built frames; silently nothing once either side started closing (RFC 6455 §5.5.1).
+
+        Once for every recipient of every event, so cheaper than ``_open``: websockets' ``state`` is a
+        Python property. Whenever it leaves OPEN, our close frame was sent (``close_sent``) or, for the
+        peer's close, uvicorn has answered it and closed the transport in the same ``data_received``.
+        """
         p = self._protocol
-        if _open(p):
-            p.transport.write(data)
+        if not p.close_sent:
+            transport = p.transport
+            if not transport.is_closing():
+                transport.write(data)
 
     def buffered(self) -> int:
         """Bytes the kernel has not taken yet (the transport's write buffer)."""
