@@ -2166,6 +2166,11 @@ def main(argv: list[str] | None = None) -> int:
         if not name or not folder or name == "peer":
             raise SystemExit(f"bad --peer {spec!r}: need NAME=DIR (NAME not 'peer')")
         peers.append(Peer(a, name, folder, a.peer_port + i))
+    taken = {peer.port for peer in peers}
+    if a.ours_port in taken:
+        # A peer on our port would answer our readiness probe and all of our traffic, while our process
+        # died of the taken port (the "ours" column then measured that peer again).
+        a.ours_port = max(taken) + 1
     ours = (
         Ours(
             a.ours_port,
