@@ -2085,6 +2085,15 @@ def ours_name(a: argparse.Namespace) -> str:
     return "ours"
 
 
+def port_past(port: int, taken: set[int]) -> int:
+    """``port``, or the first port above the ``taken`` ones if it is one of them.
+
+    A peer on our port would answer our readiness probe and all of our traffic, while our process died
+    of the taken port: the "ours" column would then measure that peer again.
+    """
+    return max(taken) + 1 if port in taken else port
+
+
 def parse_variant(p: argparse.ArgumentParser, spec: str) -> tuple[str, dict[str, str]]:
     """``NAME:VAR=VALUE[,VAR=VALUE]`` -> (NAME, {VAR: VALUE}); a value cannot hold a comma."""
     name, _, assignments = spec.partition(":")
@@ -2166,11 +2175,7 @@ def main(argv: list[str] | None = None) -> int:
         if not name or not folder or name == "peer":
             raise SystemExit(f"bad --peer {spec!r}: need NAME=DIR (NAME not 'peer')")
         peers.append(Peer(a, name, folder, a.peer_port + i))
-    taken = {peer.port for peer in peers}
-    if a.ours_port in taken:
-        # A peer on our port would answer our readiness probe and all of our traffic, while our process
-        # died of the taken port (the "ours" column then measured that peer again).
-        a.ours_port = max(taken) + 1
+    a.ours_port = port_past(a.ours_port, {peer.port for peer in peers})
     ours = (
         Ours(
             a.ours_port,
