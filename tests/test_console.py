@@ -135,7 +135,8 @@ async def test_console_client_and_server_tabs(console_server: Server, browser: B
         await click(page, "publish")
         await until(page, liked % 8, "the event the page published")
         # The event can reach the socket before the page has read the HTTP reply: wait for the reply too.
-        result = await until(page, "document.getElementById('publish-result').textContent", "the publish reply")
+        reply = "document.getElementById('publish-result').textContent"
+        result = await until(page, reply, "the publish reply")
         assert result.startswith("202"), result
         assert API_KEY not in await page.eval(
             "location.href + document.cookie + JSON.stringify(sessionStorage)"
