@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from fonana_ws.fanout.connection import RECENT_MULTI, Connection, Outbox, Outlet
+from fonana_ws.fanout.sink import Sink
 from fonana_ws.protocol.frames import CLOSE_SLOW_CONSUMER, text_frame
 
 pytestmark = pytest.mark.unit
@@ -35,6 +36,9 @@ class FakeOutlet:
 
     def cut(self, code: int, reason: str) -> None:
         self.cuts.append((code, reason))
+
+    def sink(self, limit: int) -> Sink:
+        return Sink(self, limit)
 
 
 class FakeSocket:

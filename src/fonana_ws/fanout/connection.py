@@ -1,8 +1,8 @@
 """One client connection: who it is, what it joined, and its bounded outbound path.
 
 Frames arrive pre-built (text and wire bytes, made once per event by the hub). On the direct path a
-connection only appends bytes to a list; the ``Outbox`` writes each connection's list in one write per
-loop iteration, so a burst of events costs one syscall per recipient instead of one per event. Without
+connection only pushes bytes to its sink (``fanout.sink``); the ``Outbox`` writes every sink of the turn
+in one write each, so a burst of events costs one syscall per recipient instead of one per event. Without
 the direct path (another ASGI server, permessage-deflate negotiated) a writer task drains a queue through
 ASGI ``send``. Either way the backlog is bounded in bytes: a client that stops reading is cut off with
 close code 1013, and the hub is never blocked by it.
@@ -19,6 +19,7 @@ import logging
 from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
+from fonana_ws.fanout.sink import FIRST, OVER, Pending, flush_all
 from fonana_ws.protocol.frames import CLOSE_SLOW_CONSUMER, binary_frame, text_frame
 
 log = logging.getLogger("fonana_ws.connection")
@@ -54,6 +55,10 @@ class Outlet(Protocol):
         """Close now, without waiting for a peer that may never read: close frame, then abort."""
         ...
 
+    def sink(self, limit: int) -> Pending:
+        """Where this socket's frames of a turn wait for the ``Outbox`` (``fanout.sink.Sink`` will do)."""
+        ...
+
 
 class AsgiSocket(Protocol):
     """The fallback path: ASGI ``send`` through Starlette's ``WebSocket`` (~10 µs a frame)."""
@@ -70,10 +75,12 @@ class Outbox:
 
     def __init__(self) -> None:
         self._dirty: list[Connection] = []
+        self._sinks: list[Pending] = []  # the same connections' sinks, for one call of ``flush_all``
         self._scheduled = False
 
-    def mark(self, conn: Connection) -> None:
+    def mark(self, conn: Connection, sink: Pending) -> None:
         self._dirty.append(conn)
+        self._sinks.append(sink)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -81,12 +88,13 @@ class Outbox:
     def flush(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            try:
-                conn.flush()
-            except Exception:  # one broken socket must not leave the others' frames unwritten
-                log.exception("write to connection %s failed", conn.id)
-                conn.detach()
+        sinks, self._sinks = self._sinks, []
+        slow, failed = flush_all(sinks)
+        for i in slow:
+            dirty[i].slow()
+        for i, exc in failed:  # one broken socket did not leave the others' frames unwritten
+            log.error("write to connection %s failed", dirty[i].id, exc_info=exc)
+            dirty[i].detach()
 
 
 class Connection:
@@ -103,8 +111,7 @@ class Connection:
         "_outlet",
         "_outbox",
         "_limit",
-        "_pending",
-        "_pending_bytes",
+        "_sink",
         "_queue",
         "_queue_bytes",
         "_waiter",
@@ -139,8 +146,7 @@ class Connection:
         self._outlet = outlet
         self._outbox = outbox
         self._limit = limit
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self._sink: Pending | None = None
         self._queue: deque[str | bytes] = _EMPTY
         self._queue_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -151,6 +157,8 @@ class Connection:
         if outlet is None or not outlet.usable:
             self._queue = deque()  # the direct path never queues: no deque (~600 B) for it
             self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        else:
+            self._sink = outlet.sink(limit)
 
     @property
     def direct(self) -> bool:
@@ -165,12 +173,12 @@ class Connection:
         """
         if self.closed:
             return
-        if self._writer is None:
-            if not self._pending:
-                self._outbox.mark(self)
-            self._pending.append(wire)
-            self._pending_bytes += len(wire)
-            if self._pending_bytes > self._limit:
+        sink = self._sink
+        if sink is not None:
+            state = sink.push(wire)
+            if state == FIRST:
+                self._outbox.mark(self, sink)
+            elif state == OVER:
                 # A burst within one loop iteration: hand it to the kernel now, and cut only a client
                 # whose socket will not take it (flush checks the transport's buffer).
                 self.flush()
@@ -178,7 +186,7 @@ class Connection:
         self._queue.append(text)
         self._queue_bytes += len(text)
         if self._queue_bytes > self._limit:
-            self._slow()
+            self.slow()
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -211,16 +219,11 @@ class Connection:
 
     def flush(self) -> None:
         """Write what is pending in one write; cut the connection if the kernel stopped taking it."""
-        if not self._pending or self.closed:
+        sink = self._sink
+        if sink is None or self.closed:
             return
-        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-        self._pending = []
-        self._pending_bytes = 0
-        outlet = self._outlet
-        assert outlet is not None
-        outlet.write(data)
-        if outlet.buffered() > self._limit:
-            self._slow()
+        if not sink.flush():
+            self.slow()
 
     async def _write_loop(self) -> None:
         assert self._websocket is not None, "no ASGI socket for a connection without the direct path"
@@ -244,7 +247,8 @@ class Connection:
         except Exception as exc:  # the socket went away under us; the endpoint sees the disconnect
             log.debug("connection %s writer stopped: %s", self.id, exc)
 
-    def _slow(self) -> None:
+    def slow(self) -> None:
+        """The client stopped reading: cut with 1013 (the ``Outbox`` calls this for a slow sink)."""
         self.close_reason = "slow consumer"
         self.cut(CLOSE_SLOW_CONSUMER, "Slow consumer: outbound buffer full")
         if self.on_slow is not None:
@@ -255,7 +259,8 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self._pending = []
+        if self._sink is not None:
+            self._sink.clear()
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()
@@ -275,7 +280,8 @@ class Connection:
     def detach(self) -> None:
         """The socket is gone: stop the writer and drop what was queued."""
         self.closed = True
-        self._pending = []
+        if self._sink is not None:
+            self._sink.clear()
         self._queue.clear()
         if self._writer is not None:
             self._writer.cancel()

@@ -23,6 +23,7 @@ from websockets.frames import Opcode
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
+from fonana_ws.fanout.sink import FdSink, Pending, Sink
 from fonana_ws.transport.keepalive import wheel_of
 
 EXTENSION = "fonana.wire"
@@ -70,6 +71,17 @@ class Wire:
         """Bytes the kernel has not taken yet (the transport's write buffer)."""
         p = self._protocol
         return 0 if p.disconnected else p.transport.get_write_buffer_size()
+
+    def sink(self, limit: int) -> Pending:
+        """The C ``FdSink`` on the socket's descriptor where it can be used, else the Python ``Sink``.
+
+        Not over TLS (the bytes on the descriptor are ciphertext) nor without a socket to send on.
+        """
+        transport = self._protocol.transport
+        sock = transport.get_extra_info("socket")
+        if FdSink is None or sock is None or transport.get_extra_info("sslcontext") is not None:
+            return Sink(self, limit)
+        return FdSink(sock.fileno(), transport, self._protocol, limit)
 
     def cut(self, code: int, reason: str) -> None:
         """Close now without waiting for the peer: a close frame, then the transport is aborted.
