@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fonana_ws.fanout.sink import FdSink
 from fonana_ws.protocol import session as session_module
 from fonana_ws.transport.wire import FonanaWSProtocol
 
@@ -51,6 +52,8 @@ async def test_idle_connections_hold_no_task_and_still_work(tmp_path) -> None:
         assert all(p.detached and p.scope is None for p in protocols(srv))
         # uvicorn sets nothing outside the slots: an idle socket has no instance dict to fill.
         assert all(not vars(p) for p in protocols(srv))
+        if FdSink is not None:  # plain TCP: frames go out through the C sink on the descriptor
+            assert all(type(c._sink) is FdSink for c in srv.services.hub.connections)
 
         await srv.publish({"channel": "creator_idle", "event": {"type": "creator_updated", "n": 1}})
         for c in clients:
