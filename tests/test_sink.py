@@ -166,6 +166,28 @@ def test_what_the_kernel_does_not_take_stays_ahead_of_later_frames(kind: str) ->
 
 
 @KINDS
+@pytest.mark.parametrize("frames", [4, 100])  # one sendmsg for all; past 64 the transport takes them
+def test_many_frames_cut_anywhere_arrive_whole_and_in_order(kind: str, frames: int) -> None:
+    async def run(loop: asyncio.AbstractEventLoop) -> None:
+        transport, client = await pair(loop)
+        sink = make_sink(kind, transport, Gate(), limit=256 << 20)
+        sent = [bytes([i % 251]) * (1_000_003 if frames == 4 else 40_009) for i in range(frames)]
+        for frame in sent:
+            sink.push(frame)
+        assert sink.flush() is True
+        sink.push(b"-tail")
+        assert sink.flush() is True
+        want = b"".join(sent) + b"-tail"
+        got = drain_now(client)
+        got += await read_all(loop, client, len(want) - len(got))
+        assert len(got) == len(want) and got == want
+        transport.close()
+        client.close()
+
+    on_uvloop(run)
+
+
+@KINDS
 def test_a_client_over_the_limit_is_reported(kind: str) -> None:
     async def run(loop: asyncio.AbstractEventLoop) -> None:
         transport, client = await pair(loop)
