@@ -322,6 +322,21 @@ async def test_doctor_with_redis_and_a_free_port(tmp_path: Path) -> None:
     assert not (tmp_path / "data" / "fonana.db").exists()  # doctor creates no database
 
 
+async def test_doctor_warns_of_a_console_open_beyond_loopback(tmp_path: Path) -> None:
+    base = clean_env(
+        JWT_SECRET=SECRET,
+        WS_API_KEY=API_KEY,
+        WS_PORT=str(free_port()),
+        FONANA_WS_DATA_DIR=str(tmp_path / "data"),
+        WS_CONSOLE="1",
+    )
+    public = doctor_lines((await cli("doctor", env={**base, "WS_HOST": "0.0.0.0"}, cwd=tmp_path)).out)
+    assert public["console"][0] == "warn", public
+    assert "0.0.0.0" in public["console"][1] and "/console" in public["console"][1]
+    local = doctor_lines((await cli("doctor", env=base, cwd=tmp_path)).out)
+    assert "console" not in local, local  # on 127.0.0.1 the console is the developer's
+
+
 async def test_doctor_missing_secret_and_broken_schema(tmp_path: Path) -> None:
     async with fresh_pg_database() as url:
         store = Store(normalize_database_url(url))

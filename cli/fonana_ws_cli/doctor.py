@@ -26,6 +26,7 @@ from fonana_ws.config import (
     lookup,
     read_env_file,
 )
+from fonana_ws.net import is_loopback
 
 if TYPE_CHECKING:  # broker, database and HTTP client load when a check runs, not with every command
     from fonana_ws.db import Store
@@ -297,6 +298,20 @@ def check_values(report: Report, settings: Settings) -> None:
         report.add("production", OK, ", ".join(values))
 
 
+def check_console(report: Report, settings: Settings) -> None:
+    """The console's page itself cannot ask for the API key (a browser opening a page sends no Bearer
+    header), so whoever reaches the port can load it; its data routes stay closed. On loopback that is
+    the developer; anywhere else it is worth a word."""
+    if settings.console and not is_loopback(settings.host):
+        report.add(
+            "console",
+            WARN,
+            f"WS_CONSOLE is on and the server listens on {settings.host}: anyone who reaches port "
+            f"{settings.port} can open /console (its data still needs the API key or loopback); "
+            "leave it off outside development",
+        )
+
+
 async def run_checks(report: Report, wait: float) -> None:
     environ, dotenv = layered_env()
     raw_db = lookup(BY_NAME["DATABASE_URL"].names, environ, dotenv)
@@ -320,6 +335,7 @@ async def run_checks(report: Report, wait: float) -> None:
         return
     check_api_key(report, settings, raw_key)
     check_values(report, settings)
+    check_console(report, settings)
     check_dev_files(report, settings)
     await check_database(report, settings, wait)
     await check_broker(report, settings, wait)
