@@ -92,6 +92,22 @@ def test_the_fake_and_the_real_wire_are_outlets() -> None:
     assert isinstance(FakeOutlet(), Outlet)
 
 
+def test_the_wire_hands_out_the_c_sink_only_for_a_plain_socket() -> None:
+    """Over TLS the descriptor carries ciphertext, and without a socket there is nothing to send on."""
+    from fonana_ws.fanout.sink import FdSink
+    from fonana_ws.transport.wire import Wire
+
+    def sink_for(**extra: object) -> object:
+        transport = SimpleNamespace(get_extra_info=lambda name: extra.get(name))
+        return Wire(SimpleNamespace(transport=transport)).sink(1 << 20)  # type: ignore[arg-type]
+
+    sock = SimpleNamespace(fileno=lambda: 7)  # only its descriptor number is read; nothing is sent
+    assert type(sink_for(socket=sock, sslcontext=object())) is Sink
+    if FdSink is not None:
+        assert type(sink_for(socket=sock)) is FdSink
+    assert type(sink_for()) is Sink
+
+
 async def test_one_write_per_connection_per_loop_turn() -> None:
     outbox = Outbox()
     outlets = [FakeOutlet(), FakeOutlet()]
